@@ -1,0 +1,186 @@
+"""Model configuration, read from an HF `config.json` or from GGUF metadata.
+
+One dataclass describes every architecture sugam runs: Qwen2/2.5/QwQ/R1-Distill (QKV bias),
+Qwen3 (q/k RMSNorm, explicit head_dim) and Llama are flags of the same transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ModelFormatError
+
+SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "llama")
+
+# HF model_type / GGUF general.architecture -> our architecture family.
+_ARCH_ALIASES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "llama"}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None or a dict with at least "rope_type" ("linear", "dynamic", "yarn", "llama3") and "factor".
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False       # Qwen2 family
+    o_bias: bool = False         # Llama with attention_bias=True
+    mlp_bias: bool = False
+    qk_norm: bool = False        # Qwen3
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelFormatError(
+                f"unsupported architecture {self.architecture!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelFormatError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelFormatError(
+                f"{self.num_attention_heads} attention heads cannot be grouped over "
+                f"{self.num_key_value_heads} key/value heads"
+            )
+        if self.head_dim % 2:
+            raise ModelFormatError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model is meant to see (scaled RoPE extends the original)."""
+        scaling = self.rope_scaling or {}
+        original = scaling.get("original_max_position_embeddings")
+        if scaling.get("rope_type") in ("yarn", "dynamic", "linear") and original:
+            return max(self.max_position_embeddings, int(original * float(scaling.get("factor", 1.0))))
+        return self.max_position_embeddings
+
+    # ---- readers -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """From a transformers `config.json`, in the 4.x form (`torch_dtype`, `rope_theta`,
+        `rope_scaling`) or the 5.x form (`dtype`, `rope_parameters`)."""
+        model_type = cfg.get("model_type", "")
+        arch = _ARCH_ALIASES.get(model_type)
+        if arch is None:
+            raise ModelFormatError(
+                f"unsupported model_type {model_type!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            rope_params = dict(cfg.get("rope_parameters") or {})
+            rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+            scaling = cfg.get("rope_scaling") or rope_params or None
+            eos = cfg.get("eos_token_id")
+            return cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=normalize_rope_scaling(scaling),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=(arch == "qwen2") or bool(cfg.get("attention_bias", False)),
+                o_bias=arch == "llama" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qk_norm=arch == "qwen3",
+                torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=_as_id_list(eos),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"config.json is missing or has a bad field: {exc}") from exc
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int, has_qkv_bias: bool,
+                           has_qk_norm: bool, has_output: bool) -> "ModelConfig":
+        """From GGUF metadata (llama.cpp key names) plus facts read off the tensor list."""
+        gguf_arch = meta.get("general.architecture")
+        arch = _ARCH_ALIASES.get(gguf_arch or "")
+        if arch is None:
+            raise ModelFormatError(
+                f"unsupported architecture {gguf_arch!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            value = meta.get(f"{gguf_arch}.{key}", default)
+            if value is None:
+                raise ModelFormatError(f"GGUF metadata lacks {gguf_arch}.{key}")
+            return value
+
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        scaling = None
+        scaling_type = meta.get(f"{gguf_arch}.rope.scaling.type")
+        if scaling_type and scaling_type != "none":
+            scaling = {
+                "rope_type": scaling_type,
+                "factor": float(meta.get(f"{gguf_arch}.rope.scaling.factor", 1.0)),
+                "original_max_position_embeddings": meta.get(
+                    f"{gguf_arch}.rope.scaling.original_context_length"),
+            }
+        return cls(
+            architecture=arch,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(get("attention.key_length", hidden // heads)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=normalize_rope_scaling(scaling),
+            max_position_embeddings=int(get("context_length", 4096)),
+            tie_word_embeddings=not has_output,
+            qkv_bias=has_qkv_bias,
+            qk_norm=has_qk_norm,
+            torch_dtype="float32",
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=_as_id_list(meta.get("tokenizer.ggml.eos_token_id")),
+        )
+
+
+def normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One spelling for RoPE scaling: `rope_type` key, no-op types dropped."""
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    scaling.pop("rope_theta", None)
+    if rope_type in ("default", "none"):
+        return None
+    if rope_type not in ("linear", "dynamic", "yarn", "llama3"):
+        raise ModelFormatError(f"unsupported RoPE scaling type {rope_type!r}")
+    scaling["rope_type"] = rope_type
+    scaling["factor"] = float(scaling.get("factor", 1.0))
+    return scaling
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]

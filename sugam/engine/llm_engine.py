@@ -1,0 +1,188 @@
+"""The synchronous engine: admits requests, schedules each step, runs the model, samples, detokenizes.
+
+Each step packs decode tokens of running sequences and (chunks of) prompts of new ones into one
+batch of at most `max_num_batched_tokens` tokens. When the KV pool runs out, the most recently
+admitted sequence is preempted: its blocks are freed and it is recomputed later (prompt + output
+so far), so that older requests keep making progress.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PromptTooLongError
+from ..loader.base import LoadedCheckpoint
+from ..sampling_params import InvalidRequestError, SamplingParams
+from ..tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .runner import ModelRunner, kv_bytes_per_token
+from .sampler import Sampler
+from .sequence import RequestOutput, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None        # default: the model's context length (capped by the KV pool)
+    block_size: int = 16                    # tokens per KV block
+    kv_cache_memory: int | None = None      # bytes for the KV pool; default: a quarter of free memory
+    max_num_seqs: int = 64                  # sequences running at once
+    max_num_batched_tokens: int = 2048      # tokens in one forward pass (longer prompts are chunked)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the KV pool may draw from on this device."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class LLMEngine:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
+                 config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.model_config = checkpoint.config
+        self.device = device
+        self.tokenizer = Tokenizer(checkpoint.tokenizer)
+        self.generation_defaults = checkpoint.generation
+        self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
+        self.runner = ModelRunner(checkpoint, device, dtype)
+        self.sampler = Sampler(self.tokenizer)
+
+        cfg, bs = self.config, self.config.block_size
+        if bs <= 0 or cfg.max_num_seqs <= 0 or cfg.max_num_batched_tokens <= 0:
+            raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        context = self.model_config.context_length
+        self.max_model_len = min(cfg.max_model_len or context, context)
+        per_token = kv_bytes_per_token(self.model_config, dtype)
+        budget = cfg.kv_cache_memory
+        if budget is None:
+            budget = min(available_memory(device) // 4, per_token * self.max_model_len * cfg.max_num_seqs)
+        num_blocks = max(1, budget // (per_token * bs))
+        if num_blocks * bs < self.max_model_len:
+            log.warning("KV pool holds %d tokens; limiting the context from %d to that",
+                        num_blocks * bs, self.max_model_len)
+            self.max_model_len = num_blocks * bs
+        self.runner.allocate_kv_cache(num_blocks, bs)
+        self.block_manager = BlockManager(num_blocks, bs)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
+                 num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
+
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        params = (params or SamplingParams()).with_defaults(self.generation_defaults)
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens but the context holds "
+                                     f"{self.max_model_len}; shorten it or raise --max-model-len")
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
+        seq = Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.tokenizer,
+                       self.eos_token_ids, self.max_model_len, generator)
+        self.waiting.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and give its KV blocks back. True if it was found."""
+        for queue in (self.waiting, self.running):
+            for seq in list(queue):
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.block_manager.free(seq)
+                    seq.abort()
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        cfg, bm = self.config, self.block_manager
+        budget = cfg.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_grow(seq, seq.num_computed_tokens + n):
+                self._preempt(self.running[-1])
+                if seq.status != SequenceStatus.RUNNING:
+                    break
+            else:
+                bm.grow(seq, seq.num_computed_tokens + n)
+                scheduled.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not bm.can_grow(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            bm.grow(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it will be recomputed from its tokens later."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        log.debug("preempted request %s (%d tokens)", seq.request_id, seq.num_tokens)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return outputs of the sequences that produced a token or finished."""
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.execute(scheduled)
+        sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+        outputs = []
+        if logits is not None:
+            for seq, (token, logprobs) in zip(sampling, self.sampler(logits, sampling)):
+                seq.append_token(token, logprobs)
+                if seq.finished:
+                    self.running.remove(seq)
+                    self.block_manager.free(seq)
+                outputs.append(seq.take_output())
+        return outputs

@@ -1,0 +1,78 @@
+"""Loads the model onto a device, owns the KV cache, and runs one batched forward per step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import ModelConfig
+from ..layers.attention import AttentionMetadata
+from ..loader.base import LoadedCheckpoint
+from ..models import CausalLM
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype):
+        self.config = checkpoint.config
+        self.device, self.dtype = device, dtype
+        with torch.device("meta"):
+            model = CausalLM(self.config)
+        # Parameters get real (uninitialised) storage once, then the checkpoint fills them.
+        model = model.to_empty(device=device).to(dtype)
+        model.rotary.init_frequencies(device)
+        model.load_weights(checkpoint.iter_weights())
+        self.model = model.eval()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        cfg = self.config
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.block_size = block_size
+        self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                           torch.empty(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(cfg.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        """Run the new tokens of each scheduled sequence through the model in one batch.
+
+        Returns logits [n, vocab] for the sequences whose last scheduled token is their newest
+        token (they sample next), in scheduling order; None when no sequence samples.
+        """
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, tables, sample_rows = [], [], [], []
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            all_ids = seq.all_token_ids
+            token_ids.extend(all_ids[start:start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            query_lens.append(n)
+            context_lens.append(start + n)
+            n_blocks = -(-(start + n) // bs)
+            tables.append(torch.tensor(seq.block_table[:n_blocks], dtype=torch.long, device=self.device))
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(token_ids) - 1)
+        device = self.device
+        meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
+                                       query_lens, context_lens, tables)
+        hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
+                            torch.tensor(positions, dtype=torch.long, device=device),
+                            self.kv_caches, meta)
+        if not sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])

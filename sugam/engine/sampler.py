@@ -1,0 +1,71 @@
+"""Turns logits into tokens: penalties, temperature, top-k, top-p, min-p, seeded sampling, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..tokenizer import Tokenizer
+from .sequence import Logprob, Sequence
+
+
+def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.all_token_ids)), device=logits.device, dtype=torch.long)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+        out = torch.tensor(seq.output_token_ids, device=logits.device, dtype=torch.long)
+        counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already cover top_p (the first one always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, Logprob] | None]]:
+        """logits: [len(seqs), vocab] float32. Returns (token, logprobs or None) per sequence."""
+        results = []
+        for row, seq in zip(logits, seqs):
+            p = seq.params
+            raw = row
+            row = _apply_penalties(row.clone(), seq)
+            if p.greedy:
+                token = int(torch.argmax(row))
+            else:
+                row = _filter(row / p.temperature, p.top_k, p.top_p, p.min_p)
+                probs = row.softmax(-1)
+                token = int(torch.multinomial(probs, 1, generator=seq.generator))
+            results.append((token, self._logprobs(raw, token, p.logprobs) if p.logprobs is not None else None))
+        return results
+
+    def _logprobs(self, raw: torch.Tensor, token: int, top_n: int) -> dict[int, Logprob]:
+        """Log-probabilities of the model's distribution (before sampling transforms)."""
+        logprobs = raw.log_softmax(-1)
+        chosen = float(logprobs[token])
+        rank = int((logprobs > chosen).sum()) + 1
+        out = {token: Logprob(chosen, rank, self.tokenizer.decode([token], skip_special_tokens=False))}
+        if top_n:
+            values, ids = torch.topk(logprobs, top_n)
+            for r, (v, i) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+                out.setdefault(i, Logprob(v, r, self.tokenizer.decode([i], skip_special_tokens=False)))
+        return out

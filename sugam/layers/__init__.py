@@ -1,0 +1,1 @@
+"""Building blocks of the transformer: normalization, rotary embeddings, paged attention."""

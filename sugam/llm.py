@@ -1,0 +1,138 @@
+"""The Python API, shaped like vLLM's: `LLM(model=...)`, `generate`, `chat`, and streaming forms."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from .engine.llm_engine import EngineConfig, LLMEngine
+from .engine.sequence import RequestOutput
+from .errors import SugamError
+from .loader import open_checkpoint
+from .registry import DEFAULT_MODEL, resolve
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise SugamError(f"unknown device {device!r}: {exc}") from exc
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # bf16 halves the bytes read per token; fp16 math is very slow on CPUs, MPS prefers fp16.
+        return torch.float16 if device.type == "mps" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise SugamError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """A model loaded for generation.
+
+    >>> llm = LLM("qwen2.5-coder-0.5b-instruct")
+    >>> out = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))
+    >>> print(out[0].outputs[0].text)
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device | None = None, max_model_len: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, block_size: int = 16, download: bool = True):
+        path = resolve(model, download=download)
+        checkpoint = open_checkpoint(path)
+        dev = pick_device(device)
+        self.model_path = path
+        self.engine = LLMEngine(
+            checkpoint, dev, pick_dtype(dtype, dev),
+            EngineConfig(max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
+                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    # ---- batch APIs -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids). Returns one RequestOutput per prompt, in order."""
+        batch = _as_prompt_list(prompts)
+        param_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(batch)
+        if len(param_list) != len(batch):
+            raise SugamError(f"{len(batch)} prompts but {len(param_list)} SamplingParams")
+        seqs = [self.engine.add_request(p, sp) for p, sp in zip(batch, param_list)]
+        wanted = {s.request_id: i for i, s in enumerate(seqs)}
+        results: list[RequestOutput | None] = [None] * len(seqs)
+        show = use_tqdm if use_tqdm is not None else len(seqs) > 1 and sys.stderr.isatty()
+        from tqdm import tqdm
+        with tqdm(total=len(seqs), desc="generate", unit="req", disable=not show, file=sys.stderr) as bar:
+            try:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in wanted:
+                            results[wanted[out.request_id]] = out
+                            bar.update(1)
+            except BaseException:
+                for s in seqs:  # Ctrl-C or an error: give every block back
+                    self.engine.abort_request(s.request_id)
+                raise
+        return results  # type: ignore[return-value]
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             params: SamplingParams | Seq[SamplingParams] | None = None, *, tools: list[dict] | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or many (a list of such lists)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self._chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs)
+                   for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    # ---- streaming ------------------------------------------------------------------------------
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas as they are generated. Closing the iterator early frees the request."""
+        seq = self.engine.add_request(prompt, params)
+        try:
+            while not seq.finished:
+                for out in self.engine.step():
+                    if out.request_id == seq.request_id and out.outputs[0].delta_text:
+                        yield out.outputs[0].delta_text
+        finally:
+            self.engine.abort_request(seq.request_id)
+        self.last_stream_output = seq.take_output()
+
+    def stream_chat(self, messages: list[Message], params: SamplingParams | None = None,
+                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None
+                    ) -> Iterator[str]:
+        return self.stream(self._chat_prompt(messages, tools, True, chat_template_kwargs), params)
+
+    def _chat_prompt(self, messages: list[Message], tools: list[dict] | None, add_generation_prompt: bool,
+                     kwargs: dict[str, Any] | None) -> list[int]:
+        return self.engine.tokenizer.apply_chat_template(  # type: ignore[return-value]
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools, **(kwargs or {}))
+
+
+def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts  # type: ignore[return-value]

@@ -1,0 +1,112 @@
+"""HF folders: config.json, (sharded) safetensors, tokenizer.json, chat template, generation_config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{path}: cannot parse ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index}: no weight_map")
+        names = sorted(set(map(str, weight_map.values())))
+        outside = [n for n in names if Path(n).name != n]
+        if outside:
+            raise ModelFormatError(f"{index}: shard names must be plain file names: {', '.join(outside)}")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelFormatError(f"{index}: shards missing: {', '.join(missing)}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+            raise ModelFormatError(f"{folder}: only pickle weights (.bin/.pt) found; sugam loads safetensors only")
+        raise ModelFormatError(f"{folder}: no .safetensors weights found")
+    return files
+
+
+def open_hf_folder(folder: Path) -> LoadedCheckpoint:
+    config = ModelConfig.from_hf(_read_json(folder / "config.json"))
+    files = _weight_files(folder)
+
+    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ModelFormatError(f"{folder}: no tokenizer.json")
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "chat_template.json").is_file():
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    else:
+        template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # a list of named templates: take "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+
+    specials = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = tok_cfg.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            specials[key] = value
+    spec = TokenizerSpec(
+        tokenizer_json=tokenizer_file.read_text(encoding="utf-8"),
+        add_bos_token=bool(tok_cfg.get("add_bos_token", False)),
+        add_eos_token=bool(tok_cfg.get("add_eos_token", False)),
+        chat_template=template,
+        special_token_strings=specials,
+    )
+
+    generation = GenerationDefaults(eos_token_ids=list(config.eos_token_ids))
+    gen_file = folder / "generation_config.json"
+    if gen_file.is_file():
+        gen = _read_json(gen_file)
+        eos = gen.get("eos_token_id")
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            generation.eos_token_ids = list(dict.fromkeys([*generation.eos_token_ids, *map(int, ids)]))
+        if gen.get("do_sample", True):
+            # Sampling defaults apply only when the checkpoint samples; do_sample=False means greedy.
+            for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+                if gen.get(key) is not None:
+                    setattr(generation, key, gen[key])
+        else:
+            generation.temperature = 0.0
+        if gen.get("repetition_penalty") is not None:
+            generation.repetition_penalty = gen["repetition_penalty"]
+    config.eos_token_ids = generation.eos_token_ids
+
+    def iter_weights() -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import SafetensorError, safe_open
+
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except (OSError, SafetensorError) as exc:
+                raise ModelFormatError(f"{file}: cannot read safetensors ({exc})") from exc
+
+    return LoadedCheckpoint(path=folder, config=config, tokenizer=spec, generation=generation,
+                            iter_weights=iter_weights, info={"format": "safetensors", "files": len(files)})

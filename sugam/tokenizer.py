@@ -1,0 +1,245 @@
+"""Tokenizer (HF `tokenizers`), chat templates in a jinja2 sandbox, and incremental detokenization.
+
+From a GGUF file the tokenizer is rebuilt from metadata: the byte-level BPE vocabulary and merges,
+the pre-tokenizer that `tokenizer.ggml.pre` names, and the control / user-defined tokens as added
+tokens so they are matched whole. From an HF folder, tokenizer.json is loaded as is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Sequence
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import ModelFormatError, SugamError
+from .loader.base import TokenizerSpec
+
+# Split patterns, by the GGUF `tokenizer.ggml.pre` name, of the byte-level BPE families we run.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama3": _LLAMA3_SPLIT,
+           "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT}
+# Pre-tokenizers that are GPT-2's regex, optionally after splitting digits one by one (SmolLM).
+_GPT2_LIKE = {"gpt-2": False, "gpt2": False, "default": False, "smollm": True}
+
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary, merges and pre-tokenizer name."""
+    alphabet = _byte_alphabet()
+    alphabet_chars = set(alphabet.values())
+    tokens = spec.tokens or []
+    # Tokens are stored in the byte alphabet; a few files store some spelled out: re-spell those.
+    spelled = [t if set(t) <= alphabet_chars else "".join(alphabet[b] for b in t.encode("utf-8"))
+               for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    merges = []
+    for line in spec.merges or []:
+        left, sep, right = line.partition(" ")
+        if not sep:
+            raise ModelFormatError(f"malformed BPE merge {line!r} in tokenizer metadata")
+        merges.append((left, right))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+
+    pre = spec.pre_tokenizer or "default"
+    if pre in _SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in _GPT2_LIKE:
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if _GPT2_LIKE[pre] else []
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            steps + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        known = sorted([*_SPLITS, *_GPT2_LIKE])
+        raise ModelFormatError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(known)})")
+    tok.decoder = decoders.ByteLevel()
+
+    types = spec.token_types or []
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(spelled, types) if kind == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind in zip(spelled, types) if kind == _USER_DEFINED])
+
+    template, pairs = [], []
+    if spec.add_bos_token and spec.bos_token_id is not None:
+        template.append(spelled[spec.bos_token_id])
+        pairs.append((spelled[spec.bos_token_id], spec.bos_token_id))
+    template.append("$A")
+    if spec.add_eos_token and spec.eos_token_id is not None:
+        template.append(spelled[spec.eos_token_id])
+        pairs.append((spelled[spec.eos_token_id], spec.eos_token_id))
+    if pairs:
+        tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=pairs)
+    return tok
+
+
+class ChatTemplateError(SugamError):
+    """The chat template refused the messages (raise_exception) or failed to render."""
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training; we render it plainly."""
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(f"chat template: {message}")
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters, which changes the prompt text.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=8)
+def compile_chat_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+
+
+class Tokenizer:
+    """encode / decode / apply_chat_template, with the special tokens of the model."""
+
+    def __init__(self, spec: TokenizerSpec):
+        if spec.tokenizer_json is not None:
+            try:
+                self._tok = HFTokenizer.from_str(spec.tokenizer_json)
+            except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+                raise ModelFormatError(f"tokenizer.json cannot be loaded: {exc}") from exc
+        else:
+            self._tok = build_gguf_tokenizer(spec)
+        self.chat_template = spec.chat_template
+        self.bos_token_id = spec.bos_token_id
+        self.eos_token_id = spec.eos_token_id
+        self.special_tokens: dict[str, str] = dict(spec.special_token_strings)
+        for key, token_id in (("bos_token", spec.bos_token_id), ("eos_token", spec.eos_token_id),
+                              ("pad_token", spec.pad_token_id)):
+            if token_id is not None and key not in self.special_tokens:
+                self.special_tokens[key] = self._tok.id_to_token(token_id)
+        for key, attr in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
+            if getattr(self, attr) is None and key in self.special_tokens:
+                setattr(self, attr, self._tok.token_to_id(self.special_tokens[key]))
+        self.all_special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> HFTokenizer:
+        return self._tok
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True, chat_template: str | None = None,
+                    **template_kwargs: Any) -> str:
+        """The prompt text for a conversation, as the model's template writes it."""
+        source = chat_template or self.chat_template
+        if not source:
+            raise ChatTemplateError("this model has no chat template; pass raw prompts (or --raw) instead")
+        template = compile_chat_template(source)
+        context = {**self.special_tokens, **template_kwargs}
+        try:
+            return template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   **context)
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as exc:  # includes sandbox SecurityError
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
+            raise ChatTemplateError(f"chat template failed on these messages: {exc!r}") from exc
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = True, tools: list[dict[str, Any]] | None = None,
+                            **template_kwargs: Any) -> list[int] | str:
+        text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                **template_kwargs)
+        # The template writes every special token itself (BOS included), as transformers assumes.
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
+
+    Decodes a short window (a few tokens of context plus the unread tokens) and emits only what the
+    window adds; a window whose text ends in U+FFFD is still in the middle of a character, so it
+    waits for the next token.
+    """
+
+    _CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        tail = list(prompt_ids[-self._CONTEXT:])
+        self._ids = tail
+        self._prefix_offset = 0
+        self._read_offset = len(tail)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)
+        full = self._tokenizer.decode(self._ids[self._prefix_offset:], self._skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return full[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left when generation ends, even an incomplete character."""
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)
+        full = self._tokenizer.decode(self._ids[self._prefix_offset:], self._skip)
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full[len(prefix):]
