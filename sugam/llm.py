@@ -11,7 +11,7 @@ from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sequence import RequestOutput
 from .errors import SugamError
 from .loader import open_checkpoint
-from .registry import DEFAULT_MODEL, resolve
+from .registry import DEFAULT_MODEL, apply_alias_defaults, resolve
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -57,6 +57,7 @@ class LLM:
                  max_num_batched_tokens: int = 2048, block_size: int = 16, download: bool = True):
         path = resolve(model, download=download)
         checkpoint = open_checkpoint(path)
+        apply_alias_defaults(path, checkpoint.generation)
         dev = pick_device(device)
         self.model_path = path
         self.engine = LLMEngine(
@@ -100,31 +101,39 @@ class LLM:
              use_tqdm: bool | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of messages) or many (a list of such lists)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self._chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs)
+        prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs)
                    for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
     # ---- streaming ------------------------------------------------------------------------------
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas as they are generated. Closing the iterator early frees the request."""
+    def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput each time the request advances (`.outputs[0].delta_text` is new text).
+        Closing the iterator early (or Ctrl-C) aborts the request and frees its KV blocks."""
         seq = self.engine.add_request(prompt, params)
         try:
             while not seq.finished:
                 for out in self.engine.step():
-                    if out.request_id == seq.request_id and out.outputs[0].delta_text:
-                        yield out.outputs[0].delta_text
+                    if out.request_id == seq.request_id:
+                        yield out
         finally:
             self.engine.abort_request(seq.request_id)
-        self.last_stream_output = seq.take_output()
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas as they are generated."""
+        for out in self.stream_outputs(prompt, params):
+            if out.outputs[0].delta_text:
+                yield out.outputs[0].delta_text
 
     def stream_chat(self, messages: list[Message], params: SamplingParams | None = None,
                     tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None
                     ) -> Iterator[str]:
-        return self.stream(self._chat_prompt(messages, tools, True, chat_template_kwargs), params)
+        return self.stream(self.chat_prompt(messages, tools, True, chat_template_kwargs), params)
 
-    def _chat_prompt(self, messages: list[Message], tools: list[dict] | None, add_generation_prompt: bool,
-                     kwargs: dict[str, Any] | None) -> list[int]:
+    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True,
+                     kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template."""
         return self.engine.tokenizer.apply_chat_template(  # type: ignore[return-value]
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools, **(kwargs or {}))
 

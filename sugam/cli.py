@@ -1,0 +1,201 @@
+"""The `sugam` command: pull, models, run, chat."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from .errors import SugamError
+from .registry import DEFAULT_MODEL
+
+EPILOG = "MODEL is an alias (see `sugam models --known`), a .gguf file, an HF folder, or hf:ORG/NAME."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to run (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="torch device: cpu (default), cuda, cuda:1, mps, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CPU/CUDA, fp16 on MPS), float32, bfloat16, float16")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens to generate at most (default 1024)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--system", default=None, help="system prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sugam", description="Run Qwen-family models fast on your own hardware.",
+                                     epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download a model into the cache (sha256-checked)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+
+    p = sub.add_parser("models", help="list downloaded models (--known: every alias)")
+    p.add_argument("--known", action="store_true", help="list the aliases sugam can fetch")
+
+    p = sub.add_parser("run", help="generate one answer, streamed to the terminal", epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("prompt", help="the prompt (use - to read it from standard input)")
+    _add_sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)",
+                       epilog=EPILOG)
+    _add_model_args(p)
+    _add_sampling_args(p)
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .llm import LLM
+
+    start = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return llm
+
+
+def _stream_answer(llm: Any, prompt_ids: list[int], params: Any) -> tuple[str, str]:
+    """Print the answer as it comes; return (text, finish reason). Ctrl-C stops it cleanly."""
+    start = time.perf_counter()
+    first = None
+    text, tokens, reason = [], 0, "interrupted"
+    try:
+        for out in llm.stream_outputs(prompt_ids, params):
+            completion = out.outputs[0]
+            if first is None:
+                first = time.perf_counter()
+            tokens = len(completion.token_ids)
+            if completion.delta_text:
+                sys.stdout.write(completion.delta_text)
+                sys.stdout.flush()
+                text.append(completion.delta_text)
+            if out.finished:
+                reason = completion.finish_reason or "stop"
+    except KeyboardInterrupt:
+        pass
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    if first is not None:
+        decode = (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0
+        print(f"[{len(prompt_ids)} prompt tokens, first token {first - start:.2f} s; {tokens} tokens, "
+              f"decode {decode:.1f} tok/s; finish: {reason}]", file=sys.stderr)
+    return "".join(text), reason
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from .registry import pull
+
+    path = pull(args.model)
+    print(path)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .registry import MODELS, is_cached, list_cached, models_dir
+
+    if args.known:
+        for alias, source in MODELS.items():
+            mark = "*" if is_cached(source) else " "
+            print(f"{mark} {alias:32s} {source.size / 1e6:8.0f} MB  {source.description}")
+        print("(* = downloaded)")
+        return
+    rows = list_cached()
+    if not rows:
+        print(f"no models in {models_dir()}; fetch one with `sugam pull {DEFAULT_MODEL}`")
+    for name, path, size in rows:
+        print(f"{name:32s} {size / 1e6:8.0f} MB  {path}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load(args)
+    tok = llm.get_tokenizer()
+    if args.raw:
+        prompt_ids = tok.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        prompt_ids = llm.chat_prompt(messages)
+    _stream_answer(llm, prompt_ids, _sampling(args))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    params = _sampling(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = list(system)
+    print("Type a message. /reset clears the conversation, /exit (or Ctrl-D) quits; "
+          "Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D to quit)", file=sys.stderr)
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit", "/bye"):
+            return
+        if command == "/reset":
+            history = list(system)
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            prompt_ids = llm.chat_prompt(history)
+        except SugamError as exc:  # e.g. the conversation outgrew the context
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        try:
+            text, _ = _stream_answer(llm, prompt_ids, params)
+        except SugamError as exc:
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": text})
+
+
+COMMANDS = {"pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except SugamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
