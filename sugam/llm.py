@@ -77,22 +77,25 @@ class LLM:
         param_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(batch)
         if len(param_list) != len(batch):
             raise SugamError(f"{len(batch)} prompts but {len(param_list)} SamplingParams")
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(batch, param_list)]
-        wanted = {s.request_id: i for i, s in enumerate(seqs)}
-        results: list[RequestOutput | None] = [None] * len(seqs)
-        show = use_tqdm if use_tqdm is not None else len(seqs) > 1 and sys.stderr.isatty()
         from tqdm import tqdm
-        with tqdm(total=len(seqs), desc="generate", unit="req", disable=not show, file=sys.stderr) as bar:
-            try:
-                while self.engine.has_unfinished():
+
+        show = use_tqdm if use_tqdm is not None else len(batch) > 1 and sys.stderr.isatty()
+        seqs = []
+        results: list[RequestOutput | None] = [None] * len(batch)
+        try:
+            for prompt, sp in zip(batch, param_list):
+                seqs.append(self.engine.add_request(prompt, sp))
+            wanted = {s.request_id: i for i, s in enumerate(seqs)}
+            with tqdm(total=len(seqs), desc="generate", unit="req", disable=not show, file=sys.stderr) as bar:
+                while any(r is None for r in results) and self.engine.has_unfinished():
                     for out in self.engine.step():
                         if out.finished and out.request_id in wanted:
                             results[wanted[out.request_id]] = out
                             bar.update(1)
-            except BaseException:
-                for s in seqs:  # Ctrl-C or an error: give every block back
-                    self.engine.abort_request(s.request_id)
-                raise
+        except BaseException:
+            for s in seqs:  # a bad prompt, Ctrl-C or an error: give every block back
+                self.engine.abort_request(s.request_id)
+            raise
         return results  # type: ignore[return-value]
 
     def chat(self, messages: list[Message] | list[list[Message]],
