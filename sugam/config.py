@@ -113,9 +113,9 @@ class ModelConfig:
             raise ModelFormatError(f"config.json is missing or has a bad field: {exc}") from exc
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int, has_qkv_bias: bool,
-                           has_qk_norm: bool, has_output: bool) -> "ModelConfig":
-        """From GGUF metadata (llama.cpp key names) plus facts read off the tensor list."""
+    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int, tensor_names: set[str]) -> "ModelConfig":
+        """From GGUF metadata (llama.cpp key names); biases, q/k norms and a tied head are read
+        off the tensor list, which is what decides them."""
         gguf_arch = meta.get("general.architecture")
         arch = _ARCH_ALIASES.get(gguf_arch or "")
         if arch is None:
@@ -153,9 +153,11 @@ class ModelConfig:
             rope_theta=float(get("rope.freq_base", 10000.0)),
             rope_scaling=normalize_rope_scaling(scaling),
             max_position_embeddings=int(get("context_length", 4096)),
-            tie_word_embeddings=not has_output,
-            qkv_bias=has_qkv_bias,
-            qk_norm=has_qk_norm,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             torch_dtype="float32",
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=_as_id_list(meta.get("tokenizer.ggml.eos_token_id")),

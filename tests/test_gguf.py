@@ -24,9 +24,10 @@ def reference_logits(model, prompt, tokens):
         return model(ids).logits[0, len(prompt) - 1:]
 
 
-@pytest.mark.parametrize("arch,pre", [("llama", "smollm"), ("qwen2", "qwen2"), ("qwen3", "qwen2")])
-def test_gguf_model_matches_transformers(tmp_path, arch, pre):
-    model = build_hf_model(tmp_path / "hf", arch)
+@pytest.mark.parametrize("arch,pre,extra", [("llama", "smollm", {}), ("qwen2", "qwen2", {}), ("qwen3", "qwen2", {}),
+                                            ("llama", "llama-bpe", {"attention_bias": True, "mlp_bias": True})])
+def test_gguf_model_matches_transformers(tmp_path, arch, pre, extra):
+    model = build_hf_model(tmp_path / "hf", arch, **extra)
     path = tmp_path / "m.gguf"
     write_gguf(path, model, train_tokenizer(), pre=pre, chat_template=CHATML)
     llm = LLM(str(path), dtype="float32")

@@ -140,6 +140,8 @@ class LLMEngine:
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
             while not bm.can_grow(seq, seq.num_computed_tokens + n):
                 self._preempt(self.running[-1])
                 if seq.status != SequenceStatus.RUNNING:

@@ -228,12 +228,7 @@ def open_gguf(path: Path) -> LoadedCheckpoint:
         raise ModelFormatError(f"{path}: no token_embd.weight tensor; not a language model GGUF")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = tensors["token_embd.weight"].shape[0]
-    config = ModelConfig.from_gguf_metadata(
-        meta, vocab_size=vocab_size,
-        has_qkv_bias="blk.0.attn_q.bias" in tensors,
-        has_qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        has_output="output.weight" in tensors,
-    )
+    config = ModelConfig.from_gguf_metadata(meta, vocab_size=vocab_size, tensor_names=set(tensors))
     _check_shapes(path, config, tensors)
     if meta.get("tokenizer.ggml.model") != "gpt2" or not tokens:
         raise ModelFormatError(
@@ -268,7 +263,8 @@ def open_gguf(path: Path) -> LoadedCheckpoint:
                 continue
             if config.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
                 heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
-                tensor = GGUFTensor(tensor.name, tensor.qtype, tensor.shape, unpermute_rows(tensor.raw, heads))
+                rows = unpermute_rows(tensor.raw.reshape(tensor.shape[0], -1), heads)  # biases too
+                tensor = GGUFTensor(tensor.name, tensor.qtype, tensor.shape, rows.reshape(tensor.raw.shape))
             yield target, tensor.dequantize()
 
     types: dict[str, int] = {}
