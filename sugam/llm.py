@@ -54,7 +54,8 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, block_size: int = 16, download: bool = True):
+                 max_num_batched_tokens: int = 2048, block_size: int = 16, enable_prefix_caching: bool = True,
+                 download: bool = True):
         path = resolve(model, download=download)
         checkpoint = open_checkpoint(path)
         apply_alias_defaults(path, checkpoint.generation)
@@ -63,7 +64,8 @@ class LLM:
         self.engine = LLMEngine(
             checkpoint, dev, pick_dtype(dtype, dev),
             EngineConfig(max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
-                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                         enable_prefix_caching=enable_prefix_caching))
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

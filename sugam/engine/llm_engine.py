@@ -36,6 +36,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None      # bytes for the KV pool; default: a quarter of free memory
     max_num_seqs: int = 64                  # sequences running at once
     max_num_batched_tokens: int = 2048      # tokens in one forward pass (longer prompts are chunked)
+    enable_prefix_caching: bool = True      # reuse KV blocks of prompts that share a prefix
 
 
 def available_memory(device: torch.device) -> int:
@@ -81,7 +82,7 @@ class LLMEngine:
                         num_blocks * bs, self.max_model_len)
             self.max_model_len = num_blocks * bs
         self.runner.allocate_kv_cache(num_blocks, bs)
-        self.block_manager = BlockManager(num_blocks, bs)
+        self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
                  num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
 
@@ -152,10 +153,13 @@ class LLMEngine:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.can_grow(seq, seq.num_computed_tokens + n):
+            prefix = bm.lookup_prefix(seq)
+            computed = max(seq.num_computed_tokens, len(prefix) * bm.block_size)
+            n = min(seq.num_tokens - computed, budget)
+            if not bm.can_admit(seq, prefix, computed + n):
                 break
             self.waiting.popleft()
+            bm.take_prefix(seq, prefix)
             bm.grow(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -181,6 +185,7 @@ class LLMEngine:
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
         for seq, n in scheduled:
             seq.num_computed_tokens += n
+            self.block_manager.register_computed_blocks(seq)
         outputs = []
         if logits is not None:
             for seq, (token, logprobs) in zip(sampling, self.sampler(logits, sampling)):

@@ -59,6 +59,7 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hashes of the leading full blocks
         self.num_computed_tokens = 0        # tokens whose K/V are in the cache
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

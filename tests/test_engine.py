@@ -1,0 +1,87 @@
+"""Engine behaviour: prefix caching, aborts, and a property test that no KV block ever leaks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sugam import LLM, SamplingParams
+
+SYSTEM = [(13 * i) % 280 + 5 for i in range(70)]  # a long shared "system prompt"
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_models):
+    return str(tiny_models["qwen2"][0])
+
+
+def all_free(llm) -> bool:
+    bm = llm.engine.block_manager
+    return bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_shared_prefix_reuses_blocks_and_keeps_outputs(folder):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [SYSTEM + [7, 8, 9], SYSTEM + [10, 11]]
+    cold = LLM(folder, dtype="float32", block_size=8, enable_prefix_caching=False)
+    expected = [cold.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+
+    llm = LLM(folder, dtype="float32", block_size=8)
+    first = llm.generate([prompts[0]], params)[0].outputs[0].token_ids
+    stats = llm.engine.block_manager.stats
+    assert stats.hit_tokens == 0
+    second = llm.generate([prompts[1]], params)[0].outputs[0].token_ids
+    assert stats.hit_tokens == len(SYSTEM) // 8 * 8  # every full block of the shared prefix
+    assert [first, second] == expected
+    again = llm.generate([prompts[0]], params)[0].outputs[0].token_ids  # cached prompt + its own tail
+    assert again == expected[0]
+    assert all_free(llm)
+
+
+def test_prefix_is_shared_by_concurrent_requests(folder):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(folder, dtype="float32", block_size=8)
+    llm.generate([SYSTEM + [1]], params)  # warm the cache
+    outs = llm.generate([SYSTEM + [t] for t in range(2, 8)], params)
+    cold = LLM(folder, dtype="float32", block_size=8, enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in outs] == \
+        [o.outputs[0].token_ids for o in cold.generate([SYSTEM + [t] for t in range(2, 8)], params)]
+    assert all_free(llm)
+
+
+requests = st.lists(st.tuples(
+    st.integers(1, 40),            # prompt length
+    st.integers(0, 3),             # which shared prefix (0 = none)
+    st.integers(1, 12),            # max_tokens
+    st.booleans(),                 # aborted part-way
+    st.integers(0, 6),             # arrival step
+), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reqs=requests, pool_tokens=st.sampled_from([48, 96, 400]))
+def test_no_block_leaks_under_random_traffic(folder, reqs, pool_tokens):
+    per_token = 2 * 2 * 2 * 16 * 4  # layers * (k, v) * kv_heads * head_dim * fp32 bytes
+    llm = LLM(folder, dtype="float32", block_size=4, kv_cache_memory=per_token * pool_tokens,
+              max_num_seqs=6, max_num_batched_tokens=32)
+    engine = llm.engine
+    prefixes = {0: [], 1: SYSTEM[:9], 2: SYSTEM[:20], 3: SYSTEM[5:17]}
+    pending = sorted(enumerate(reqs), key=lambda r: r[1][4])
+    live: dict[str, bool] = {}
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][1][4] <= step:
+            i, (length, prefix, max_tokens, abort, _) = pending.pop(0)
+            prompt = (prefixes[prefix] + [(i * 31 + j) % 250 + 3 for j in range(length)])[:engine.max_model_len - 1]
+            seq = engine.add_request(prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens))
+            live[seq.request_id] = abort
+        for out in engine.step():
+            if live.get(out.request_id) and not out.finished:
+                engine.abort_request(out.request_id)
+        step += 1
+        bm = engine.block_manager
+        in_use = sum(len(s.block_table) for s in engine.running)
+        assert bm.num_used_blocks <= in_use  # shared blocks are counted once
+        assert step < 2000
+    assert all_free(llm)
