@@ -85,3 +85,39 @@ def test_no_block_leaks_under_random_traffic(folder, reqs, pool_tokens):
         assert bm.num_used_blocks <= in_use  # shared blocks are counted once
         assert step < 2000
     assert all_free(llm)
+
+
+def test_async_engine_streams_concurrently_and_frees_aborted(folder):
+    import asyncio
+
+    from sugam.engine.async_engine import AsyncLLMEngine
+
+    llm = LLM(folder, dtype="float32")
+    params = [SamplingParams(temperature=0, max_tokens=10 + i, ignore_eos=True) for i in range(6)]
+    prompts = [[5 + i, 17, 42, 99, 7] for i in range(6)]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    engine = AsyncLLMEngine(llm.engine)
+
+    async def collect(prompt, sp):
+        text, last = "", None
+        async for out in engine.generate(prompt, sp):
+            text += out.outputs[0].delta_text
+            last = out
+        assert text == last.outputs[0].text
+        return last.outputs[0].token_ids
+
+    async def leave_early():
+        async for out in engine.generate(prompts[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)):
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+
+    async def main():
+        results = await asyncio.gather(*(collect(p, sp) for p, sp in zip(prompts, params)), leave_early())
+        await asyncio.sleep(0.2)  # the abort is applied by the engine loop
+        return results[:-1]
+
+    assert asyncio.run(main()) == expected
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.kv_blocks_used == 0
+    assert stats.generated_tokens >= sum(len(e) for e in expected)
+    assert all_free(llm)

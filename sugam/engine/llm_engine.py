@@ -30,6 +30,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class EngineStats:
+    """A snapshot of what the engine is doing, for logs and the server's /metrics."""
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_block_size: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    num_steps: int
+    last_step_tokens: int            # tokens in the latest forward pass
+    tokens_computed: int             # all tokens run through the model (prompts, recomputes, decodes)
+    generated_tokens: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queried_tokens
+        return self.prefix_cache_hit_tokens / q if q else 0.0
+
+
+@dataclass
 class EngineConfig:
     max_model_len: int | None = None        # default: the model's context length (capped by the KV pool)
     block_size: int = 16                    # tokens per KV block
@@ -90,11 +116,20 @@ class LLMEngine:
         self.running: list[Sequence] = []
         self._ids = itertools.count()
         self.num_preemptions = 0
+        self._num_steps = self._last_step_tokens = self._tokens_computed = self._generated_tokens = 0
 
     # ---- requests -----------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
+        """Validate a request and queue it; raises InvalidRequestError / PromptTooLongError."""
+        seq = self.create_sequence(prompt, params, request_id)
+        self.waiting.append(seq)
+        return seq
+
+    def create_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                        request_id: str | None = None) -> Sequence:
+        """Validate and tokenize a request without queueing it (the async engine queues it later)."""
         params = (params or SamplingParams()).with_defaults(self.generation_defaults)
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
@@ -110,10 +145,8 @@ class LLMEngine:
                                      f"{self.max_model_len}; shorten it or raise --max-model-len")
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
-        seq = Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.tokenizer,
-                       self.eos_token_ids, self.max_model_len, generator)
-        self.waiting.append(seq)
-        return seq
+        return Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.tokenizer,
+                        self.eos_token_ids, self.max_model_len, generator)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and give its KV blocks back. True if it was found."""
@@ -183,6 +216,10 @@ class LLMEngine:
             return []
         logits = self.runner.execute(scheduled)
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        self._num_steps += 1
+        self._last_step_tokens = sum(n for _, n in scheduled)
+        self._tokens_computed += self._last_step_tokens
+        self._generated_tokens += len(sampling)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.register_computed_blocks(seq)
@@ -195,3 +232,13 @@ class LLMEngine:
                     self.block_manager.free(seq)
                 outputs.append(seq.take_output())
         return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks, kv_block_size=bm.block_size,
+            prefix_cache_queried_tokens=bm.stats.queried_tokens, prefix_cache_hit_tokens=bm.stats.hit_tokens,
+            num_preemptions=self.num_preemptions, num_steps=self._num_steps,
+            last_step_tokens=self._last_step_tokens, tokens_computed=self._tokens_computed,
+            generated_tokens=self._generated_tokens)
