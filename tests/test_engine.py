@@ -121,3 +121,24 @@ def test_async_engine_streams_concurrently_and_frees_aborted(folder):
     assert stats.num_running == stats.num_waiting == 0 and stats.kv_blocks_used == 0
     assert stats.generated_tokens >= sum(len(e) for e in expected)
     assert all_free(llm)
+
+
+def test_per_request_parameters_in_one_batch(folder):
+    """Different temperatures, seeds, stops and lengths share a batch without affecting each other."""
+    llm = LLM(folder, dtype="float32")
+    prompt = [5, 17, 42, 99, 7]
+    greedy_text = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0].text
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.3, seed=7, max_tokens=15, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[greedy_text[8:11]]),
+        SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=2.0),
+    ]
+    alone = [llm.generate([prompt], p)[0].outputs[0] for p in params]
+    together = llm.generate([prompt] * len(params), params)
+    for a, b in zip(alone, together):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.outputs[0].token_ids, b.outputs[0].text,
+                                                          b.outputs[0].finish_reason)
+    assert [len(o.outputs[0].token_ids) for o in together][3] == 3
+    assert together[2].outputs[0].finish_reason == "stop"

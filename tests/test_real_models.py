@@ -102,3 +102,28 @@ def test_default_model_writes_a_list_sum_function():
     llm = LLM("qwen2.5-coder-0.5b-instruct")
     out = llm.chat(CONVERSATIONS[0], SamplingParams(temperature=0, max_tokens=80))[0].outputs[0]
     assert "def " in out.text and "sum(" in out.text
+
+
+def test_batched_equals_alone_on_the_real_model():
+    """16 different chat prompts in one batch, with chunked prefill forced, and with a KV pool so small
+    that sequences are preempted: each prompt gets the tokens it gets alone (fp32)."""
+    topics = ["a linked list", "binary search", "a REST API", "recursion", "a hash map", "unit tests",
+              "git branches", "SQL joins", "Python generators", "big-O notation", "a mutex", "TCP vs UDP",
+              "JSON", "regular expressions", "Docker", "caching"]
+    llm = LLM("qwen2.5-coder-0.5b-instruct", dtype="float32", max_model_len=2048)
+    prompts = [llm.chat_prompt([{"role": "user", "content": f"Explain {t} to a beginner, with an example."}])
+               for t in topics]
+    params = SamplingParams(temperature=0, repetition_penalty=1.0, max_tokens=24, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == alone
+
+    chunked = LLM("qwen2.5-coder-0.5b-instruct", dtype="float32", max_num_batched_tokens=32, max_model_len=2048)
+    assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == alone
+
+    per_token = 24 * 2 * 2 * 64 * 4  # layers * (k, v) * kv_heads * head_dim * fp32 bytes
+    small = LLM("qwen2.5-coder-0.5b-instruct", dtype="float32", kv_cache_memory=per_token * 256,
+                max_model_len=256)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == alone
+    assert small.engine.num_preemptions > 0
+    bm = small.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
