@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -49,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt (use - to read it from standard input)")
     _add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
+                       epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SUGAM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SUGAM_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the alias or file name)")
+    p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GB or 512MB (default: 1/4 of free memory)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences generated at once (default 64)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before new requests get 429")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)",
                        epilog=EPILOG)
@@ -179,7 +194,50 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": text})
 
 
-COMMANDS = {"pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat}
+def parse_size(text: str | None) -> int | None:
+    """'2GB', '512MiB', '1e9' -> bytes."""
+    if text is None:
+        return None
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    t = text.strip().lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            return int(float(t[:-len(suffix)]) * units[suffix])
+    try:
+        return int(float(t))
+    except ValueError:
+        raise SugamError(f"cannot read the size {text!r}; write e.g. 2GB or 512MiB") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .engine.llm_engine import EngineConfig, LLMEngine
+    from .llm import pick_device, pick_dtype
+    from .loader import open_checkpoint
+    from .registry import apply_alias_defaults, lookup_alias, resolve
+    from .serve.app import ServerConfig, create_app
+
+    path = resolve(args.model)  # fetch before serving, so that errors show here
+    source = lookup_alias(args.model)
+    name = args.served_model_name or (source.alias if source else path.stem if path.is_file() else path.name)
+    engine_config = EngineConfig(max_model_len=args.max_model_len, kv_cache_memory=parse_size(args.kv_cache_memory),
+                                 max_num_seqs=args.max_num_seqs)
+
+    def load() -> LLMEngine:
+        checkpoint = open_checkpoint(path)
+        apply_alias_defaults(path, checkpoint.generation)
+        device = pick_device(args.device)
+        return LLMEngine(checkpoint, device, pick_dtype(args.dtype, device), engine_config)
+
+    config = ServerConfig(model_name=name, api_key=args.api_key or None, max_waiting=args.max_waiting,
+                          max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    print(f"sugam: serving {name} on http://{args.host}:{args.port}/v1 (loading; /health says when ready)",
+          file=sys.stderr)
+    uvicorn.run(create_app(config, load), host=args.host, port=args.port, log_level="warning")
+
+
+COMMANDS = {"pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,12 @@ class SamplingParams:
     logprobs: int | None = None           # None: off; N: the chosen token plus N alternatives
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # A JSON schema the output must satisfy ({"type": "object"} for any JSON object), enforced
+    # token by token with a grammar.
+    json_schema: dict | None = None
+    regex: str | None = None              # or a regular expression the whole output must match
+    # For reasoning models: after this many tokens inside <think>, the engine writes </think>.
+    max_thinking_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +55,10 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.max_thinking_tokens is None or self.max_thinking_tokens >= 0,
+             f"max_thinking_tokens must be >= 0, got {self.max_thinking_tokens}"),
+            (self.json_schema is None or isinstance(self.json_schema, dict), "json_schema must be a JSON object"),
+            (self.json_schema is None or self.regex is None, "give json_schema or regex, not both"),
         ]
         for ok, message in checks:
             if not ok:

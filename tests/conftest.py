@@ -11,6 +11,7 @@ import torch
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_AND_TOOL_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 CORPUS = [
     "Hello world, this is a tiny corpus for a tiny tokenizer.",
     "def add(a, b):\n    return a + b\n",
@@ -21,7 +22,7 @@ CORPUS = [
 
 
 def train_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -29,6 +30,8 @@ def train_tokenizer(vocab_size: int = 300):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer)
+    # Added tokens that stay in the decoded text, as in Qwen's vocabulary.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_AND_TOOL_TOKENS])
     return tok
 
 

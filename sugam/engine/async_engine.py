@@ -60,6 +60,10 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def num_queued(self) -> int:
+        """Requests accepted but not yet running (including those not yet handed to the engine)."""
+        return max(0, len(self._queues) - len(self.engine.running))
+
     def _ensure_loop(self) -> None:
         try:
             loop = asyncio.get_running_loop()

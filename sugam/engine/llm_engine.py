@@ -24,6 +24,7 @@ from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampler import Sampler
+from .structured import GrammarCompiler
 from .sequence import RequestOutput, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class LLMEngine:
         self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
         self.runner = ModelRunner(checkpoint, device, dtype)
         self.sampler = Sampler(self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        think = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
+        self.think_token_ids = think if None not in think else None
 
         cfg, bs = self.config, self.config.block_size
         if bs <= 0 or cfg.max_num_seqs <= 0 or cfg.max_num_batched_tokens <= 0:
@@ -145,8 +149,11 @@ class LLMEngine:
                                      f"{self.max_model_len}; shorten it or raise --max-model-len")
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
+        grammar = None
+        if params.json_schema is not None or params.regex is not None:
+            grammar = self.grammars.matcher(params.json_schema, params.regex)
         return Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.tokenizer,
-                        self.eos_token_ids, self.max_model_len, generator)
+                        self.eos_token_ids, self.max_model_len, generator, grammar, self.think_token_ids)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and give its KV blocks back. True if it was found."""

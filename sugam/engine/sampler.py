@@ -48,7 +48,13 @@ class Sampler:
         for row, seq in zip(logits, seqs):
             p = seq.params
             raw = row
+            forced = seq.forced_token()
+            if forced is not None:
+                results.append((forced, self._logprobs(raw, forced, p.logprobs) if p.logprobs is not None else None))
+                continue
             row = _apply_penalties(row.clone(), seq)
+            if seq.constrained:
+                seq.grammar.mask_logits(row)  # type: ignore[union-attr]
             if p.greedy:
                 token = int(torch.argmax(row))
             else:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from .structured import GrammarMatcher
 
 
 @dataclass
@@ -51,7 +55,8 @@ class Sequence:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer: Tokenizer, eos_token_ids: list[int],
-                 max_total_tokens: int, generator: torch.Generator):
+                 max_total_tokens: int, generator: torch.Generator, grammar: "GrammarMatcher | None" = None,
+                 think_token_ids: tuple[int, int] | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -72,6 +77,17 @@ class Sequence:
         self._emitted = 0         # how much of _text callers have seen
         self._holdback = max((len(s) for s in params.stop or []), default=1) - 1
         self._new_token_ids: list[int] = []
+        self.grammar = grammar
+        # Reasoning state: inside <think>...</think>? (a chat template may open it in the prompt)
+        self._think_ids = think_token_ids
+        self.thinking = False
+        self._thinking_tokens = 0
+        if think_token_ids:
+            start, end = think_token_ids
+            for token in reversed(self.prompt_token_ids):
+                if token in think_token_ids:
+                    self.thinking = token == start
+                    break
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -85,8 +101,30 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    def forced_token(self) -> int | None:
+        """A token the engine writes instead of sampling: </think> once the thinking budget is spent."""
+        budget = self.params.max_thinking_tokens
+        if self.thinking and budget is not None and self._thinking_tokens >= budget and self._think_ids:
+            return self._think_ids[1]
+        return None
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the grammar decides which tokens may come next. A JSON schema shapes the answer,
+        so a reasoning model thinks freely first; a regex shapes the whole output."""
+        if self.grammar is None:
+            return False
+        return not (self.thinking and self.params.json_schema is not None)
+
     def append_token(self, token_id: int, logprobs: dict[int, Logprob] | None) -> None:
         """Record a sampled token and decide whether the sequence is done."""
+        grammar_step = self.constrained
+        if self._think_ids and token_id == self._think_ids[0]:
+            self.thinking, self._thinking_tokens = True, 0
+        elif self._think_ids and token_id == self._think_ids[1]:
+            self.thinking = False
+        elif self.thinking:
+            self._thinking_tokens += 1
         self.output_token_ids.append(token_id)
         self._new_token_ids.append(token_id)
         if self.logprobs is not None and logprobs is not None:
@@ -98,6 +136,12 @@ class Sequence:
         self._text += self._detok.push(token_id)
         if self.params.stop and self._match_stop_string():
             return
+        if grammar_step and self.grammar is not None:
+            self.grammar.accept(token_id)
+            if self.grammar.done:  # the document is complete: only end-of-sequence could follow
+                self._text += self._detok.flush()
+                self._finish("stop", None)
+                return
         if len(self.output_token_ids) >= self.max_output_tokens:
             self._text += self._detok.flush()
             self._finish("length", None)

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the server, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine.llm_engine import EngineStats
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("sugam_requests", "HTTP requests to /v1 by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("sugam_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("sugam_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("sugam_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("sugam_inter_token_latency_seconds", "Time between tokens of a request",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("sugam_request_latency_seconds", "Request time from arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("sugam_requests_running", "Sequences being generated", registry=r)
+        self.waiting = Gauge("sugam_requests_waiting", "Sequences waiting for KV blocks or a batch slot", registry=r)
+        self.kv_usage = Gauge("sugam_kv_cache_usage_ratio", "Share of KV-cache blocks in use", registry=r)
+        self.prefix_hit_rate = Gauge("sugam_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.preemptions = Gauge("sugam_preemptions", "Sequences preempted since start", registry=r)
+
+    def render(self, stats: EngineStats | None) -> bytes:
+        if stats is not None:
+            self.running.set(stats.num_running)
+            self.waiting.set(stats.num_waiting)
+            self.kv_usage.set(stats.kv_usage)
+            self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+            self.preemptions.set(stats.num_preemptions)
+        return generate_latest(self.registry)
