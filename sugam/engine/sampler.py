@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..tokenizer import Tokenizer
@@ -53,13 +55,20 @@ class Sampler:
                 results.append((forced, self._logprobs(raw, forced, p.logprobs) if p.logprobs is not None else None))
                 continue
             row = _apply_penalties(row.clone(), seq)
+            # Extreme penalties can overflow: keep every logit a number so softmax stays defined.
+            row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
             if seq.constrained:
                 seq.grammar.mask_logits(row)  # type: ignore[union-attr]
+            if not bool(torch.isfinite(row).any()):
+                row = raw.clone()  # nothing left to choose from: fall back to the model's own choice
+                p = replace(p, temperature=0.0)
             if p.greedy:
                 token = int(torch.argmax(row))
             else:
                 row = _filter(row / p.temperature, p.top_k, p.top_p, p.min_p)
-                probs = row.softmax(-1)
+                probs = torch.nan_to_num(row.softmax(-1), nan=0.0)
+                if float(probs.sum()) <= 0:  # every weight underflowed: take the most likely token
+                    probs = (row == row.max()).float()
                 token = int(torch.multinomial(probs, 1, generator=seq.generator))
             results.append((token, self._logprobs(raw, token, p.logprobs) if p.logprobs is not None else None))
         return results

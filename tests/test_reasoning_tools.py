@@ -1,0 +1,70 @@
+"""Reasoning and tool-call parsing on streams cut at every possible point, and the thinking budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from sugam import LLM, SamplingParams
+from sugam.serve.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
+from sugam.serve.tools import ToolCallParser, extract_tool_calls
+
+CASES = [
+    # (output, template pre-opened <think>, reasoning, content)
+    ("<think>\nstep one\n\nstep two\n</think>\n\nAnswer.", False, "step one\n\nstep two", "Answer."),  # Qwen3 / QwQ
+    ("step one\n</think>\n\nAnswer.", True, "step one", "Answer."),                                 # R1-Distill, QwQ
+    ("Just an answer with </think> inside? no.", False, None, "Just an answer with </think> inside? no."),
+    ("<think>\ncut off mid-thought", False, "cut off mid-thought", ""),                                # budget/length
+    ("  <think>x</think>y", False, "x", "y"),
+]
+
+
+def stream(parser: ReasoningParser, pieces: list[str]) -> tuple[str, str]:
+    r = c = ""
+    for piece in pieces:
+        dr, dc = parser.feed(piece)
+        r, c = r + dr, c + dc
+    dr, dc = parser.finish()
+    return r + dr, c + dc
+
+
+@pytest.mark.parametrize("output,opened,reasoning,content", CASES)
+def test_reasoning_split_at_every_cut(output, opened, reasoning, content):
+    assert split_reasoning(output, opened) == (reasoning, content)
+    for cut in range(len(output) + 1):
+        assert stream(ReasoningParser(opened), [output[:cut], output[cut:]]) == (reasoning or "", content)
+    assert stream(ReasoningParser(opened), list(output)) == (reasoning or "", content)
+
+
+def test_prompt_opens_thinking():
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n")
+
+
+def test_tool_calls_at_every_cut():
+    text = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
+    content, calls = extract_tool_calls(text)
+    assert content == "Sure." and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert calls[0]["function"]["arguments"] == '{"x": 1}'
+    for cut in range(len(text) + 1):
+        parser = ToolCallParser()
+        got, found = "", []
+        for piece in (text[:cut], text[cut:]):
+            c, new = parser.feed(piece)
+            got, found = got + c, found + new
+        got += parser.finish()
+        assert got.strip() == "Sure." and [c["function"]["name"] for c in found] == ["f", "g"]
+    # malformed calls stay text
+    assert extract_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+def test_thinking_budget_closes_the_thought(tiny_models):
+    llm = LLM(str(tiny_models["qwen2"][0]), dtype="float32")
+    tok = llm.get_tokenizer()
+    start, end = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+    prompt = tok.encode("hello") + [start]  # a template that opened the thought
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                max_thinking_tokens=4))[0].outputs[0]
+    assert out.token_ids[4] == end
+    zero = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, max_thinking_tokens=0))[0]
+    assert zero.outputs[0].token_ids[0] == end
