@@ -1,4 +1,4 @@
-# The two commands a new user needs: `make run` (or `make chat`) and `make test`.
+# The two commands a new user needs: `make serve` and `make test` (also `make run`, `make chat`).
 # Everything installs into .venv inside the repo.
 
 PYTHON ?= python3
@@ -7,7 +7,10 @@ BIN    := $(VENV)/bin
 MODEL  ?= qwen2.5-coder-0.5b-instruct
 PROMPT ?= Write a Python function that returns the sum of a list of numbers.
 
-.PHONY: install run chat pull test test-fast clean
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install serve run chat pull test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 
 pull: install
 	$(BIN)/sugam pull $(MODEL)
+
+serve: pull
+	$(BIN)/sugam serve $(MODEL) --host $(HOST) --port $(PORT)
 
 run: pull
 	$(BIN)/sugam run $(MODEL) "$(PROMPT)"

@@ -84,7 +84,8 @@ def _load(args: argparse.Namespace) -> Any:
     from .llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    # One conversation at a time: a KV pool of one context, not one sized for a server.
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=1)
     print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return llm
 
