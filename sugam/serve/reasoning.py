@@ -11,7 +11,7 @@ from __future__ import annotations
 OPEN, CLOSE = "<think>", "</think>"
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_tag_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -55,7 +55,7 @@ class ReasoningParser:
                 if at < 0:
                     # Hold back a possible partial </think> and the newlines before it: the thought
                     # ends without them.
-                    keep = len(self._buffer) - _partial_suffix(self._buffer, CLOSE)
+                    keep = len(self._buffer) - partial_tag_suffix(self._buffer, CLOSE)
                     keep = len(self._buffer[:keep].rstrip("\n"))
                     reasoning += self._emit("reasoning", self._buffer[:keep])
                     self._buffer = self._buffer[keep:]

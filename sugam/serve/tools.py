@@ -7,6 +7,8 @@ import json
 import uuid
 from typing import Any
 
+from .reasoning import partial_tag_suffix
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -51,11 +53,7 @@ class ToolCallParser:
                     content += self._buffer[:at]
                     self._buffer, self._in_call = self._buffer[at + len(OPEN):], True
                     continue
-                keep = 0
-                for n in range(min(len(OPEN) - 1, len(self._buffer)), 0, -1):
-                    if OPEN.startswith(self._buffer[-n:]):
-                        keep = n
-                        break
+                keep = partial_tag_suffix(self._buffer, OPEN)  # may be the start of <tool_call>
                 content += self._buffer[:len(self._buffer) - keep]
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 break
