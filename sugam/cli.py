@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
 
+    p = sub.add_parser("perplexity", help="perplexity of a model over a text file (a quality check)", epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("file", help="a UTF-8 text file")
+    p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="tokens a window advances (default context/2)")
+
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)",
                        epilog=EPILOG)
     _add_model_args(p)
@@ -238,7 +244,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(config, load), host=args.host, port=args.port, log_level="warning")
 
 
-COMMANDS = {"pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SugamError(f"cannot read {args.file}: {exc}") from exc
+    llm = _load(args)
+    start = time.perf_counter()
+    result = llm.perplexity(text, context=args.context, stride=args.stride)
+    elapsed = time.perf_counter() - start
+    print(f"{result.tokens_scored} tokens in {result.windows} windows of {args.context}: "
+          f"mean NLL {result.mean_nll:.4f}, perplexity {result.perplexity:.4f} "
+          f"({result.tokens_scored / elapsed:.0f} tok/s)")
+
+
+COMMANDS = {"perplexity": cmd_perplexity, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Iterator, Sequence as Seq
 
 import torch
 
@@ -14,6 +14,9 @@ from .loader import open_checkpoint
 from .registry import DEFAULT_MODEL, apply_alias_defaults, resolve
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .evaluate import PerplexityResult
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -69,6 +72,12 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    def perplexity(self, text: str, context: int = 512, stride: int | None = None) -> "PerplexityResult":
+        """Mean NLL and perplexity of `text` in sliding windows (see sugam.evaluate)."""
+        from .evaluate import perplexity
+
+        return perplexity(self.engine, self.engine.tokenizer.encode(text), context, stride)
 
     # ---- batch APIs -----------------------------------------------------------------------------
 

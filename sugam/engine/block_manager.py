@@ -121,26 +121,36 @@ class BlockManager:
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         need = self.blocks_needed(seq, num_tokens)
-        if need > len(self._free):
-            raise RuntimeError("KV pool exhausted; the scheduler should have checked can_grow")
-        for _ in range(need):
-            block_id, _ = self._free.popitem(last=False)  # least recently released first
+        seq.block_table.extend(self.take_blocks(need))
+
+    def take_blocks(self, count: int) -> list[int]:
+        """`count` blocks for the caller's exclusive use, least recently released first."""
+        if count > len(self._free):
+            raise RuntimeError("KV pool exhausted")
+        taken = []
+        for _ in range(count):
+            block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:  # evict it from the prefix cache
                 if self._cached.get(block.hash) == block_id:
                     del self._cached[block.hash]
                 block.hash = block.token_ids = None
             block.ref_count = 1
-            seq.block_table.append(block_id)
+            taken.append(block_id)
+        return taken
 
-    def free(self, seq: Sequence) -> None:
-        """Release a sequence's blocks; cached ones stay reusable until evicted."""
+    def release_blocks(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; unreferenced ones return to the free list."""
         # Last blocks first, so that a prefix's tail is evicted before its head.
-        for block_id in reversed(seq.block_table):
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+
+    def free(self, seq: Sequence) -> None:
+        """Release a sequence's blocks; cached ones stay reusable until evicted."""
+        self.release_blocks(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
