@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="tokens a window advances (default context/2)")
 
+    p = sub.add_parser("plan", help="will it fit? memory for each quantization, context and concurrency",
+                       epilog=EPILOG + " Also a built-in name: " + ", ".join(sorted(_known_plan_names())) + ".")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--memory", default=None, help="memory to fit in, e.g. 16GB (default: this machine's)")
+    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model's, 8192))")
+    p.add_argument("--concurrency", type=int, default=1, help="sequences held at once (default 1)")
+
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)",
                        epilog=EPILOG)
     _add_model_args(p)
@@ -260,7 +267,25 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
           f"({result.tokens_scored / elapsed:.0f} tok/s)")
 
 
-COMMANDS = {"perplexity": cmd_perplexity, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
+def _known_plan_names() -> list[str]:
+    from .plan import KNOWN
+    return list(KNOWN)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import format_plan, plan, resolve_shape
+
+    shape = resolve_shape(args.model)
+    memory = parse_size(args.memory)
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    context = args.context or min(shape.context_length, 8192)
+    if context <= 0 or args.concurrency <= 0:
+        raise SugamError("--context and --concurrency must be positive")
+    print(format_plan(shape, plan(shape, context, args.concurrency, memory), context, args.concurrency))
+
+
+COMMANDS = {"perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

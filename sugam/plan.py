@@ -1,0 +1,186 @@
+"""`sugam plan`: will a model fit in this much memory, at which quantization, context and concurrency?
+
+Memory = weights (parameters × bits per weight of the format) + KV cache (bytes per token × context ×
+concurrent sequences) + runtime (PyTorch and the tokenizer, plus the activations of one batch).
+The runtime constants were measured on sugam itself (tests/test_plan.py checks the prediction
+against the RSS of a running model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+
+# Fitted to sugam's steady RSS after loading and generating (smollm2-135m: 362 MB beyond weights and
+# KV; qwen2.5-coder-0.5b: 413 MB), then the activations of a full batch added on top, so the
+# prediction errs on the safe side (+4 % and +6 % on those two models).
+RUNTIME_BASE = 300 * 2**20     # PyTorch, Python and sugam loaded
+TOKENIZER_PER_TOKEN = 512      # bytes of tokenizer state per vocabulary entry
+BATCH_TOKENS = 2048            # max_num_batched_tokens: the activations of one step
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    bits: float                # average bits per weight, scales included
+    runs_today: bool           # whether sugam keeps weights in this format in memory yet
+    note: str
+
+
+FORMATS = (
+    WeightFormat("bf16", 16.0, True, "what sugam runs today (GGUF files are expanded to bf16 at load)"),
+    WeightFormat("int8", 8.5, False, "int8 weights, one bf16 scale per 32"),
+    WeightFormat("int4", 5.0, False, "int4 weights, bf16 scale and zero per 32 (Q4_0/Q4_1/Q4_K map onto it)"),
+    WeightFormat("q4_k_m", 4.85, False, "llama.cpp's Q4_K_M average"),
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on; read from a config or written down for well-known models."""
+    name: str
+    params: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    kv_elements_per_token_layer: int   # K+V elements one token stores in one layer
+    context_length: int
+
+    @classmethod
+    def from_config(cls, name: str, cfg: ModelConfig) -> "ModelShape":
+        return cls(name, dense_params(cfg), cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
+                   cfg.num_hidden_layers, 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.context_length)
+
+
+def dense_params(cfg: ModelConfig) -> int:
+    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if cfg.qkv_bias else 0) + (2 * d if cfg.qk_norm else 0)
+    mlp = 3 * h * cfg.intermediate_size
+    embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return embeddings + L * (attn + mlp + 2 * h) + h
+
+
+def _qwen(name: str, h: int, layers: int, heads: int, kv: int, inter: int, vocab: int, tied: bool, ctx: int,
+          head_dim: int | None = None, qwen3: bool = False) -> ModelShape:
+    cfg = ModelConfig(architecture="qwen3" if qwen3 else "qwen2", vocab_size=vocab, hidden_size=h,
+                      intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=head_dim or h // heads, max_position_embeddings=ctx,
+                      tie_word_embeddings=tied, qkv_bias=not qwen3, qk_norm=qwen3)
+    return ModelShape.from_config(name, cfg)
+
+
+# Well-known models, from their published config.json files.
+KNOWN: dict[str, ModelShape] = {m.name: m for m in (
+    _qwen("qwen2.5-0.5b", 896, 24, 14, 2, 4864, 151936, True, 32768),
+    _qwen("qwen2.5-1.5b", 1536, 28, 12, 2, 8960, 151936, True, 32768),
+    _qwen("qwen2.5-3b", 2048, 36, 16, 2, 11008, 151936, True, 32768),
+    _qwen("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, False, 131072),
+    _qwen("qwen2.5-14b", 5120, 48, 40, 8, 13824, 152064, False, 131072),
+    _qwen("qwen2.5-32b", 5120, 64, 40, 8, 27648, 152064, False, 131072),
+    _qwen("qwen2.5-72b", 8192, 80, 64, 8, 29568, 152064, False, 131072),
+    _qwen("qwq-32b", 5120, 64, 40, 8, 27648, 152064, False, 131072),
+    _qwen("deepseek-r1-distill-qwen-32b", 5120, 64, 40, 8, 27648, 152064, False, 131072),
+    _qwen("deepseek-r1-distill-qwen-7b", 3584, 28, 28, 4, 18944, 152064, False, 131072),
+    _qwen("qwen3-0.6b", 1024, 28, 16, 8, 3072, 151936, True, 40960, 128, True),
+    _qwen("qwen3-1.7b", 2048, 28, 16, 8, 6144, 151936, True, 40960, 128, True),
+    _qwen("qwen3-4b", 2560, 36, 32, 8, 9728, 151936, True, 40960, 128, True),
+    _qwen("qwen3-8b", 4096, 36, 32, 8, 12288, 151936, False, 40960, 128, True),
+    _qwen("qwen3-14b", 5120, 40, 40, 8, 17408, 151936, False, 40960, 128, True),
+    _qwen("qwen3-32b", 5120, 64, 64, 8, 25600, 151936, False, 40960, 128, True),
+    # A mixture of experts with multi-head latent attention: 671B parameters in all, and a KV cache
+    # of one 512-wide latent plus a 64-wide rotary key per token and layer.
+    ModelShape("deepseek-r1", 671_000_000_000, 129280, 7168, 18432, 61, 512 + 64, 163840),
+)}
+
+
+@dataclass
+class PlanRow:
+    format: WeightFormat
+    weights: int
+    kv_cache: int
+    runtime: int
+    memory: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.runtime
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.memory is None else self.total <= self.memory
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_dtype_bytes: int = 2) -> int:
+    return shape.num_layers * shape.kv_elements_per_token_layer * kv_dtype_bytes
+
+
+def runtime_bytes(shape: ModelShape) -> int:
+    activations = BATCH_TOKENS * (6 * shape.hidden_size + 2 * shape.intermediate_size) * 4
+    return RUNTIME_BASE + shape.vocab_size * TOKENIZER_PER_TOKEN + activations
+
+
+def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None) -> list[PlanRow]:
+    kv = kv_bytes_per_token(shape) * context * concurrency
+    return [PlanRow(f, int(shape.params * f.bits / 8), kv, runtime_bytes(shape), memory) for f in FORMATS]
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """A built-in name, an alias or a local file/folder (only its header or config.json is read)."""
+    import json
+
+    from .registry import resolve
+
+    key = model.lower().removeprefix("hf:").split("/")[-1].removesuffix("-instruct")
+    if key in KNOWN:
+        return KNOWN[key]
+    from .errors import ModelNotFoundError
+
+    try:
+        path = resolve(model, download=False)
+    except ModelNotFoundError:
+        # Not downloaded: a coder model has the shape of its base model.
+        if key.replace("-coder", "") in KNOWN:
+            return KNOWN[key.replace("-coder", "")]
+        raise
+    if path.is_file():
+        from .loader.gguf import open_gguf
+
+        return ModelShape.from_config(path.stem, open_gguf(path).config)
+    return ModelShape.from_config(path.name, ModelConfig.from_hf(json.loads((path / "config.json").read_text())))
+
+
+def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int) -> str:
+    gb = 1e9
+    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache {kv_bytes_per_token(shape) / 1024:.0f} KiB "
+             f"per token (bf16), context {context} x {concurrency} sequence(s)"]
+    memory = rows[0].memory
+    header = f"{'format':8s} {'weights':>9s} {'KV cache':>9s} {'runtime':>8s} {'total':>9s}"
+    if memory is not None:
+        header += f"  fits in {memory / gb:.0f} GB"
+    lines += ["", header]
+    for r in rows:
+        line = (f"{r.format.name:8s} {r.weights / gb:8.2f}G {r.kv_cache / gb:8.2f}G {r.runtime / gb:7.2f}G "
+                f"{r.total / gb:8.2f}G")
+        if memory is not None:
+            line += "  " + ("yes" if r.fits else "no ")
+        line += "" if r.format.runs_today else "   (format planned, not yet run by sugam)"
+        lines.append(line)
+    if memory is not None:
+        fitting = [r for r in rows if r.fits]
+        if fitting:
+            best = max(fitting, key=lambda r: r.format.bits)
+            lines += ["", f"highest precision that fits: {best.format.name} ({best.total / gb:.1f} GB of "
+                          f"{memory / gb:.0f} GB)"]
+        else:
+            per_token = kv_bytes_per_token(shape)
+            smallest = min(rows, key=lambda r: r.total)
+            lines += ["", f"does not fit even as {smallest.format.name} ({smallest.total / gb:.1f} GB); "
+                          f"the weights alone need {smallest.weights / gb:.1f} GB"]
+            room = memory - smallest.weights - smallest.runtime
+            if room > per_token:
+                lines.append(f"(with {smallest.format.name} weights, {room // per_token} tokens of KV cache would fit)")
+    return "\n".join(lines)
