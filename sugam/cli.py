@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device: cpu (default), cuda, cuda:1, mps, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CPU/CUDA, fp16 on MPS), float32, bfloat16, float16")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: one per core this process may use)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -292,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None) is not None:
+        if args.threads <= 0:
+            print("error: --threads must be positive", file=sys.stderr)
+            return 1
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         COMMANDS[args.command](args)
     except SugamError as exc:
