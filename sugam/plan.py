@@ -9,7 +9,6 @@ against the RSS of a running model).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import ModelConfig
 

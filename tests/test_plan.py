@@ -14,7 +14,7 @@ from sugam.plan import dense_params
 
 
 def test_parameter_counts_match_transformers(tiny_models):
-    for arch, (folder, model) in tiny_models.items():
+    for folder, model in tiny_models.values():
         cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
         assert dense_params(cfg) == sum(p.numel() for p in model.parameters())
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import CompletionOutput, Logprob, RequestOutput
-from ..errors import PromptTooLongError, SugamError
+from ..errors import SugamError
 from ..sampling_params import SamplingParams
 from ..tokenizer import ChatTemplateError
 from .metrics import ServerMetrics
@@ -181,14 +181,14 @@ class Server:
         remaining = n
         try:
             while remaining:
+                if time.monotonic() > deadline:
+                    raise APIError(408, f"the request took longer than {self.config.request_timeout:.0f} s "
+                                        "and was stopped", code="timeout")
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
-                    if time.monotonic() > deadline:
-                        raise APIError(408, f"the request took longer than {self.config.request_timeout:.0f} s "
-                                            "and was stopped", code="timeout")
                     continue
                 if item is None:
                     remaining -= 1
@@ -196,9 +196,6 @@ class Server:
                     raise item
                 else:
                     yield item
-                if time.monotonic() > deadline:
-                    raise APIError(408, f"the request took longer than {self.config.request_timeout:.0f} s "
-                                        "and was stopped", code="timeout")
         finally:
             for task in tasks:
                 task.cancel()
