@@ -68,3 +68,18 @@ def test_thinking_budget_closes_the_thought(tiny_models):
     assert out.token_ids[4] == end
     zero = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, max_thinking_tokens=0))[0]
     assert zero.outputs[0].token_ids[0] == end
+
+
+def test_history_goes_back_to_the_template_without_reasoning():
+    from sugam.serve.app import _template_messages
+    from sugam.serve.protocol import ChatMessage
+
+    messages = [ChatMessage(role="user", content="2+2?"),
+                ChatMessage(role="assistant", content="<think>\nadd them\n</think>\n\n4", reasoning_content="add them"),
+                ChatMessage(role="assistant", content=None, tool_calls=[
+                    {"id": "c1", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]),
+                ChatMessage(role="developer", content=[{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}])]
+    out = _template_messages(messages)
+    assert out[1]["content"] == "4" and "reasoning_content" not in out[1]
+    assert out[2]["tool_calls"][0]["function"]["arguments"] == {"x": 1}  # templates want an object
+    assert out[3] == {"role": "system", "content": "be brief"}
