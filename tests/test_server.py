@@ -295,3 +295,14 @@ def test_streaming_n2_interleaves_two_complete_choices(server):
     assert finishes == {0: "length", 1: "length"}
     plain = post(server, "chat/completions", {**body, "stream": False}).json()
     assert [c["message"]["content"] for c in plain["choices"]] == [texts[0], texts[1]]
+
+
+def test_streamed_completions_for_several_prompts_and_samples(server):
+    body = {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3, "n": 2, "stream": True, "echo": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    finished = sorted(c["choices"][0]["index"] for c in events[:-1] if c["choices"] and c["choices"][0]["finish_reason"])
+    assert finished == [0, 1, 2, 3]
+    assert events[-2]["usage"]["prompt_tokens"] == 5 and events[-2]["usage"]["completion_tokens"] == 12

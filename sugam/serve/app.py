@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -157,16 +157,16 @@ class Server:
             raise APIError(400, str(exc), param="response_format" if json_schema is not None else None) from exc
         return params
 
-    async def run(self, request: Request, prompt: list[int], params: SamplingParams, n: int
+    async def run(self, request: Request, jobs: list[tuple[list[int], SamplingParams]]
                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run n samples of one prompt; yield (choice index, output) as they advance. Leaving early,
-        a client disconnect or the timeout aborts all of them."""
+        """Run (prompt, params) jobs concurrently; yield (job index, output) as they advance. Leaving
+        early, a client disconnect or the timeout aborts all of them."""
         engine = self.ready_engine()
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
         base_id = uuid.uuid4().hex
 
         async def one(index: int) -> None:
-            sp = params if params.seed is None or n == 1 else _with_seed(params, params.seed + index)
+            prompt, sp = jobs[index]
             try:
                 async for out in engine.generate(prompt, sp, request_id=f"{base_id}-{index}"):
                     queue.put_nowait((index, out))
@@ -176,9 +176,9 @@ class Server:
             finally:
                 queue.put_nowait(None)
 
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        tasks = [asyncio.create_task(one(i)) for i in range(len(jobs))]
         deadline = time.monotonic() + self.config.request_timeout
-        remaining = n
+        remaining = len(jobs)
         try:
             while remaining:
                 if time.monotonic() > deadline:
@@ -202,9 +202,11 @@ class Server:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-    return replace(params, seed=seed)
+def _samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
+    """n jobs sampling one prompt; with a seed, choice i uses seed + i so that choices differ."""
+    if params.seed is None or n == 1:
+        return [(prompt, params)] * n
+    return [(prompt, replace(params, seed=params.seed + i)) for i in range(n)]
 
 
 def _response_schema(fmt: ResponseFormat | None) -> dict | None:
@@ -389,10 +391,11 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream_chat(server, request, prompt, params, req.n, base, opened, template_tools is not None,
+                _stream_chat(server, request, prompt, _samples(prompt, params, req.n), base, opened,
+                             template_tools is not None,
                              forced_call, req.logprobs, top, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        finals = await _collect(server, request, prompt, params, req.n)
+        finals = await _collect(server, request, _samples(prompt, params, req.n))
         choices, completion_tokens = [], 0
         for index, out in sorted(finals.items()):
             completion_tokens += len(out.token_ids)
@@ -442,24 +445,23 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
         schema = _response_schema(req.response_format)
         all_params = [server.sampling_params(req, req.max_tokens, len(ids), req.logprobs, schema) for ids in encoded]
         server.check_capacity(engine, req.n * len(encoded))
+        # Choice index = prompt index * n + sample index, as OpenAI numbers them.
+        jobs = [job for ids, p in zip(encoded, all_params) for job in _samples(ids, p, req.n)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": config.model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream_completion(server, request, encoded, all_params, req, base, include_usage),
+                _stream_completion(server, request, jobs, req, base, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results = await asyncio.gather(*(_collect(server, request, ids, p, req.n)
-                                         for ids, p in zip(encoded, all_params)))
+        finals = await _collect(server, request, jobs)
         choices, completion_tokens = [], 0
-        for pi, (ids, finals) in enumerate(zip(encoded, results)):
-            prefix = tokenizer.decode(ids) if req.echo else ""
-            for index, out in sorted(finals.items()):
-                completion_tokens += len(out.token_ids)
-                choices.append({"index": pi * req.n + index, "text": prefix + out.text,
-                                "finish_reason": out.finish_reason,
-                                "logprobs": _completion_logprobs(out.logprobs or [], out.token_ids, len(prefix))
-                                if req.logprobs is not None else None})
+        for index, out in sorted(finals.items()):
+            prefix = tokenizer.decode(jobs[index][0]) if req.echo else ""
+            completion_tokens += len(out.token_ids)
+            choices.append({"index": index, "text": prefix + out.text, "finish_reason": out.finish_reason,
+                            "logprobs": _completion_logprobs(out.logprobs or [], out.token_ids, len(prefix))
+                            if req.logprobs is not None else None})
         prompt_tokens = sum(len(ids) for ids in encoded)
         server.metrics.prompt_tokens.inc(prompt_tokens)
         return {**base, "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens":
@@ -495,23 +497,24 @@ class _Timing:
         self.metrics.e2e.observe(time.monotonic() - self.start)
 
 
-async def _collect(server: Server, request: Request, prompt: list[int], params: SamplingParams, n: int
+async def _collect(server: Server, request: Request, jobs: list[tuple[list[int], SamplingParams]]
                    ) -> dict[int, CompletionOutput]:
     finals: dict[int, CompletionOutput] = {}
-    timings = [_Timing(server.metrics) for _ in range(n)]
-    async for index, out in server.run(request, prompt, params, n):
+    timings = [_Timing(server.metrics) for _ in jobs]
+    async for index, out in server.run(request, jobs):
         timings[index].saw(out.outputs[0])
         if out.finished:
             finals[index] = out.outputs[0]
             timings[index].done()
-    if len(finals) < n:  # the client went away
+    if len(finals) < len(jobs):  # the client went away
         raise APIError(499, "client disconnected")
     return finals
 
 
-async def _stream_chat(server: Server, request: Request, prompt: list[int], params: SamplingParams, n: int,
-                       base: dict[str, Any], opened: bool, tools: bool, forced_call: bool, logprobs: bool,
-                       top: int, include_usage: bool) -> AsyncIterator[str]:
+async def _stream_chat(server: Server, request: Request, prompt: list[int],
+                       jobs: list[tuple[list[int], SamplingParams]], base: dict[str, Any], opened: bool, tools: bool,
+                       forced_call: bool, logprobs: bool, top: int, include_usage: bool) -> AsyncIterator[str]:
+    n = len(jobs)
     chunk = {**base, "object": "chat.completion.chunk"}
     reasoning = [ReasoningParser(opened) for _ in range(n)]
     tool_parsers = [ToolCallParser() for _ in range(n)]
@@ -528,7 +531,7 @@ async def _stream_chat(server: Server, request: Request, prompt: list[int], para
     for i in range(n):
         yield delta_chunk(i, {"role": "assistant", "content": ""})
     try:
-        async for index, out in server.run(request, prompt, params, n):
+        async for index, out in server.run(request, jobs):
             completion = out.outputs[0]
             timings[index].saw(completion)
             r_delta, c_delta = reasoning[index].feed(completion.delta_text)
@@ -577,45 +580,23 @@ async def _stream_chat(server: Server, request: Request, prompt: list[int], para
     yield _sse("[DONE]")
 
 
-async def _stream_completion(server: Server, request: Request, prompts: list[list[int]],
-                             all_params: list[SamplingParams], req: CompletionRequest, base: dict[str, Any],
-                             include_usage: bool) -> AsyncIterator[str]:
+async def _stream_completion(server: Server, request: Request, jobs: list[tuple[list[int], SamplingParams]],
+                             req: CompletionRequest, base: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
     tokenizer = server.ready_engine().engine.tokenizer
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-
-    async def one_prompt(pi: int) -> None:
-        try:
-            async for index, out in server.run(request, prompts[pi], all_params[pi], req.n):
-                queue.put_nowait((pi * req.n + index, out))
-        except BaseException as exc:
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(None)
-
-    tasks = [asyncio.create_task(one_prompt(pi)) for pi in range(len(prompts))]
-    seen = {}
-    offsets = {}
+    seen: dict[int, int] = {}
+    offsets: dict[int, int] = {}
     completion_tokens = 0
-    timings: dict[int, _Timing] = {}
+    timings = [_Timing(server.metrics) for _ in jobs]
     try:
         if req.echo:
-            for pi, ids in enumerate(prompts):
-                for j in range(req.n):
-                    text = tokenizer.decode(ids)
-                    offsets[pi * req.n + j] = len(text)
-                    yield _sse({**base, "choices": [{"index": pi * req.n + j, "text": text, "logprobs": None,
-                                                      "finish_reason": None}]})
-        remaining = len(prompts)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            index, out = item
+            for index, (ids, _) in enumerate(jobs):
+                text = tokenizer.decode(ids)
+                offsets[index] = len(text)
+                yield _sse({**base, "choices": [{"index": index, "text": text, "logprobs": None,
+                                                  "finish_reason": None}]})
+        async for index, out in server.run(request, jobs):
             completion = out.outputs[0]
-            timings.setdefault(index, _Timing(server.metrics)).saw(completion)
+            timings[index].saw(completion)
             start = seen.get(index, 0)
             new_tokens = completion.token_ids[start:]
             seen[index] = len(completion.token_ids)
@@ -634,10 +615,7 @@ async def _stream_completion(server: Server, request: Request, prompts: list[lis
     except Exception as exc:
         log.exception("stream failed")
         yield _sse(error_body(f"generation failed: {exc}", "server_error"))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    prompts = [ids for ids, _ in jobs[::req.n]]
     prompt_tokens = sum(len(p) for p in prompts)
     server.metrics.prompt_tokens.inc(prompt_tokens)
     if include_usage:
