@@ -229,9 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .engine.llm_engine import EngineConfig, LLMEngine
-    from .llm import pick_device, pick_dtype
-    from .loader import open_checkpoint
-    from .registry import apply_alias_defaults, lookup_alias, resolve
+    from .llm import load_engine
+    from .registry import lookup_alias, resolve
     from .serve.app import ServerConfig, create_app
 
     path = resolve(args.model)  # fetch before serving, so that errors show here
@@ -241,10 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  max_num_seqs=args.max_num_seqs)
 
     def load() -> LLMEngine:
-        checkpoint = open_checkpoint(path)
-        apply_alias_defaults(path, checkpoint.generation)
-        device = pick_device(args.device)
-        return LLMEngine(checkpoint, device, pick_dtype(args.dtype, device), engine_config)
+        return load_engine(path, args.dtype, args.device, engine_config)
 
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence as Seq
 
 import torch
@@ -46,6 +47,15 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                config: EngineConfig | None = None) -> LLMEngine:
+    """Open a resolved model path and build the engine for it (the LLM API and the server share this)."""
+    checkpoint = open_checkpoint(path)
+    apply_alias_defaults(path, checkpoint.generation)
+    dev = pick_device(device)
+    return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev), config)
+
+
 class LLM:
     """A model loaded for generation.
 
@@ -59,13 +69,9 @@ class LLM:
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, enable_prefix_caching: bool = True,
                  download: bool = True):
-        path = resolve(model, download=download)
-        checkpoint = open_checkpoint(path)
-        apply_alias_defaults(path, checkpoint.generation)
-        dev = pick_device(device)
-        self.model_path = path
-        self.engine = LLMEngine(
-            checkpoint, dev, pick_dtype(dtype, dev),
+        self.model_path = resolve(model, download=download)
+        self.engine = load_engine(
+            self.model_path, dtype, device,
             EngineConfig(max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          enable_prefix_caching=enable_prefix_caching))

@@ -88,12 +88,12 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
             generation.eos_token_ids = list(dict.fromkeys([*generation.eos_token_ids, *map(int, ids)]))
         if gen.get("do_sample", True):
             # Sampling defaults apply only when the checkpoint samples; do_sample=False means greedy.
-            for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            for key in ("temperature", "top_p", "top_k", "min_p"):
                 if gen.get(key) is not None:
                     setattr(generation, key, gen[key])
         else:
             generation.temperature = 0.0
-        if gen.get("repetition_penalty") is not None:
+        if gen.get("repetition_penalty") is not None:  # applies to greedy decoding too
             generation.repetition_penalty = gen["repetition_penalty"]
     config.eos_token_ids = generation.eos_token_ids
 
