@@ -64,6 +64,7 @@ class EngineConfig:
     max_num_seqs: int = 64                  # sequences running at once
     max_num_batched_tokens: int = 2048      # tokens in one forward pass (longer prompts are chunked)
     enable_prefix_caching: bool = True      # reuse KV blocks of prompts that share a prefix
+    quantization: str = "auto"              # weights in memory: auto, none, gguf, int8, int4 (sugam/quant/policy.py)
 
 
 def available_memory(device: torch.device) -> int:
@@ -91,7 +92,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer(checkpoint.tokenizer)
         self.generation_defaults = checkpoint.generation
         self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
-        self.runner = ModelRunner(checkpoint, device, dtype)
+        self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization)
         self.sampler = Sampler(self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         think = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))

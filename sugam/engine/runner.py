@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -10,6 +11,7 @@ from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
+from ..quant.policy import resolve_mode, weight_chooser
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -21,16 +23,23 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype):
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
+                 quantization: str = "auto"):
         self.config = checkpoint.config
         self.device, self.dtype = device, dtype
+        self.quantization = resolve_mode(quantization, checkpoint.info.get("format", ""), device.type,
+                                         dtype == torch.bfloat16)
         with torch.device("meta"):
-            model = CausalLM(self.config)
-        # Parameters get real (uninitialised) storage once, then the checkpoint fills them.
-        model = model.to_empty(device=device).to(dtype)
+            model = CausalLM(self.config).to(dtype)
+        # Parameters get real, uninitialised storage in the final dtype, then the checkpoint fills
+        # them. Storage never written (a matrix that arrives quantized) is never touched, so it
+        # costs no memory before the quantized module replaces it.
+        model = model.to_empty(device=device)
         model.rotary.init_frequencies(device)
-        model.load_weights(checkpoint.iter_weights())
+        model.load_weights(checkpoint.iter_weights(weight_chooser(self.quantization)))
         self.model = model.eval()
+        self.weight_bytes = sum(t.numel() * t.element_size()
+                                for t in itertools.chain(model.parameters(), model.buffers()))
         _return_freed_memory()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0

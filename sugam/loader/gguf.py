@@ -15,9 +15,10 @@ from __future__ import annotations
 import mmap
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..quant.formats import QuantizedWeight
+from ..quant.gguf_repack import repack
+from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
 
 SUPPORTED_TYPES = {
@@ -256,7 +260,7 @@ def open_gguf(path: Path) -> LoadedCheckpoint:
     eos += [control[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in control and control[t] not in eos]
     config.eos_token_ids = eos
 
-    def iter_weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(choose: WeightChooser | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         for name, tensor in tensors.items():
             target = hf_name(name)
             if target is None:
@@ -265,7 +269,11 @@ def open_gguf(path: Path) -> LoadedCheckpoint:
                 heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
                 rows = unpermute_rows(tensor.raw.reshape(tensor.shape[0], -1), heads)  # biases too
                 tensor = GGUFTensor(tensor.name, tensor.qtype, tensor.shape, rows.reshape(tensor.raw.shape))
-            yield target, tensor.dequantize()
+            fmt = choose(target, tensor.shape, tensor.qtype.name) if choose else None
+            if fmt is None:
+                yield target, tensor.dequantize()
+            else:  # repacked block by block: no float copy of the whole matrix
+                yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape, fmt)
 
     types: dict[str, int] = {}
     for t in tensors.values():

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..quant.formats import QuantizedWeight, quantize
+from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
 
 
@@ -97,14 +100,16 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
             generation.repetition_penalty = gen["repetition_penalty"]
     config.eos_token_ids = generation.eos_token_ids
 
-    def iter_weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(choose: WeightChooser | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         from safetensors import SafetensorError, safe_open
 
         for file in files:
             try:
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        tensor = f.get_tensor(name)
+                        fmt = choose(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) if choose else None
+                        yield name, tensor if fmt is None else quantize(tensor, fmt)
             except (OSError, SafetensorError) as exc:
                 raise ModelFormatError(f"{file}: cannot read safetensors ({exc})") from exc
 

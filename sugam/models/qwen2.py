@@ -21,6 +21,8 @@ from ..errors import ModelFormatError
 from ..layers.attention import AttentionMetadata, paged_attention
 from ..layers.rmsnorm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
+from ..quant import Int4Weight, Int8Weight, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from ..quant.linear import quantized_matmul
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,17 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        if isinstance(head, (QuantizedLinear, QuantizedEmbedding)):
+            return quantized_matmul(hidden, head.quantized_weight).float()
+        return F.linear(hidden, head.weight).float()
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy named tensors into the parameters; every parameter must be filled exactly once."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+        """Copy named tensors into the parameters; every parameter must be filled exactly once.
+
+        A quantized weight replaces its nn.Linear (or the embedding) by the quantized module.
+        """
         params = dict(self.named_parameters())
         missing = set(params)
         for name, tensor in weights:
@@ -128,8 +135,29 @@ class CausalLM(nn.Module):
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ModelFormatError(f"tensor {name} has shape {tuple(tensor.shape)}, "
                                        f"the config implies {tuple(param.shape)}")
-            param.copy_(tensor)
+            if isinstance(tensor, (Int8Weight, Int4Weight)):
+                self._install_quantized(name, tensor, param.dtype)
+            else:
+                param.copy_(tensor)
             missing.discard(name)
         if missing:
             shown = ", ".join(sorted(missing)[:5])
             raise ModelFormatError(f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {shown}")
+
+    def _install_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+        module_name = name.removesuffix(".weight")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        old = getattr(parent, child)
+        device = old.weight.device
+        moved = type(weight)(**{k: v.to(device) for k, v in weight.tensors().items()},
+                             **({"group": weight.group} if isinstance(weight, Int4Weight) else {}))
+        if isinstance(old, nn.Embedding):
+            if not isinstance(weight, Int8Weight):
+                raise ModelFormatError(f"{name}: the embedding must be int8, got {type(weight).__name__}")
+            setattr(parent, child, QuantizedEmbedding(moved, dtype))
+        elif isinstance(old, nn.Linear):
+            # The bias keeps its Parameter object, so a bias loaded after the weight still lands.
+            setattr(parent, child, QuantizedLinear(moved, old.bias))
+        else:
+            raise ModelFormatError(f"{name}: cannot hold a quantized weight")

@@ -1,0 +1,61 @@
+"""Which weights to keep quantized, and in which format.
+
+Modes (the `--quantization` flag):
+- "none":  every weight dense in the model dtype (the exact fp32 reference path).
+- "gguf":  keep a GGUF file's own precision: 4-bit types (Q4_0/Q4_1/Q4_K) -> int4 with the same
+           codes, other quantized types (Q5_x, Q6_K, Q8_0) -> int8, float tensors dense.
+- "int8":  every matrix int8 (per-row scales).
+- "int4":  every matrix int4 (groups of 32) where its shape allows, else int8.
+The token embedding, when quantized, is always int8: lookups read single rows, and a tied LM head
+then multiplies by the same int8 matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import SugamError
+from .formats import int4_supported
+
+MODES = ("auto", "none", "gguf", "int8", "int4")
+FOUR_BIT_SOURCES = {"Q4_0", "Q4_1", "Q4_K"}
+DENSE_SOURCES = {"F32", "F16", "BF16", "float32", "float16", "bfloat16"}
+_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# (parameter name, shape, source type e.g. "Q4_K" or "bfloat16") -> "int8" | "int4" | None (dense)
+WeightChooser = Callable[[str, tuple[int, ...], str], "str | None"]
+
+
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    module = name.rsplit(".", 2)[-2]
+    return module in _MATRICES or name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def weight_chooser(mode: str) -> WeightChooser | None:
+    if mode == "none":
+        return None
+
+    def choose(name: str, shape: tuple[int, ...], source: str) -> str | None:
+        if not is_quantizable(name, shape):
+            return None
+        if mode == "gguf" and source in DENSE_SOURCES:
+            return None
+        if name == "model.embed_tokens.weight":
+            return "int8"
+        if mode == "int4" or (mode == "gguf" and source in FOUR_BIT_SOURCES):
+            return "int4" if int4_supported(shape) else "int8"
+        return "int8"
+
+    return choose
+
+
+def resolve_mode(mode: str, checkpoint_format: str, device_type: str, dtype_is_bf16: bool) -> str:
+    """"auto" keeps a GGUF file quantized where the fast kernels exist (CPU, bf16 compute) and loads
+    everything else dense; fp32 stays the exact reference path."""
+    if mode not in MODES:
+        raise SugamError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    return "gguf" if checkpoint_format == "gguf" and device_type == "cpu" and dtype_is_bf16 else "none"
