@@ -36,7 +36,8 @@ class ModelRunner:
         # costs no memory before the quantized module replaces it.
         model = model.to_empty(device=device)
         model.rotary.init_frequencies(device)
-        model.load_weights(checkpoint.iter_weights(weight_chooser(self.quantization)))
+        model.load_weights(checkpoint.iter_weights(weight_chooser(self.quantization, self.config.tie_word_embeddings)))
+        model.fuse_projections()
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))

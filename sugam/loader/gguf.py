@@ -27,7 +27,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..quant.formats import QuantizedWeight
+from ..quant.formats import GGUFRows, QuantizedWeight
 from ..quant.gguf_repack import repack
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
@@ -54,6 +54,7 @@ class GGUFTensor:
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]   # torch order: (rows, cols) for matrices
     raw: np.ndarray          # uint8 [rows, bytes_per_row] (quantized) or typed [rows, cols]; a view of the mmap
+    file_range: tuple[int, int] = (0, 0)  # byte offsets of the data in the file
 
     def dequantize(self) -> torch.Tensor:
         """Float32 values, exactly as the GGUF reference kernels compute them."""
@@ -187,7 +188,19 @@ class GGUFFile:
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             raw = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
         raw = raw.reshape(rows, -1)
-        return GGUFTensor(name, qtype, shape, raw)
+        return GGUFTensor(name, qtype, shape, raw, (start, start + n_bytes))
+
+    def drop_pages(self, tensor: GGUFTensor) -> None:
+        """Tell the kernel this process is done with a tensor's bytes.
+
+        Mapped file pages count in RSS once read; dropping them after each tensor is converted keeps
+        peak load memory near the converted model instead of the model plus the whole file.
+        """
+        page = mmap.PAGESIZE
+        start = -(-tensor.file_range[0] // page) * page
+        end = tensor.file_range[1] // page * page
+        if end > start and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 # GGUF tensor names -> HF parameter names (module names in sugam's model match HF's).
@@ -272,8 +285,11 @@ def open_gguf(path: Path) -> LoadedCheckpoint:
             fmt = choose(target, tensor.shape, tensor.qtype.name) if choose else None
             if fmt is None:
                 yield target, tensor.dequantize()
+            elif fmt == "rows":  # kept as the file's blocks (a copy: the mapping is released)
+                yield target, GGUFRows(torch.from_numpy(np.array(tensor.raw)), tensor.qtype.name, tensor.shape[1])
             else:  # repacked block by block: no float copy of the whole matrix
                 yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape, fmt)
+            gguf.drop_pages(tensors[name])  # both paths made their own copy
 
     types: dict[str, int] = {}
     for t in tensors.values():

@@ -22,7 +22,8 @@ from ..layers.attention import AttentionMetadata, paged_attention
 from ..layers.rmsnorm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..quant import Int4Weight, Int8Weight, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
-from ..quant.linear import quantized_matmul
+from ..quant.formats import GGUFRows
+from ..quant.linear import GGUFRowEmbedding, fuse_linears, quantized_matmul
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,34 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
 
+    def fuse_projections(self) -> None:
+        """After loading: compute q, k and v with one matmul (or q and k, when v's format differs)."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+            return
+        fused = fuse_linears([self.q_proj, self.k_proj])
+        if fused is not None:
+            self.qk_proj = fused
+            del self.q_proj, self.k_proj
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if hasattr(self, "qkv_proj"):
+            qk, v = self.qkv_proj(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+        elif hasattr(self, "qk_proj"):
+            qk, v = self.qk_proj(x), self.v_proj(x)
+        else:
+            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
+        qk = qk.view(tokens, heads + kv_heads, dim)
+        v = v.view(tokens, kv_heads, dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = qk.split([heads, kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # one rotation for both
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(tokens, -1))
 
@@ -64,8 +84,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+    def fuse_projections(self) -> None:
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -135,7 +165,7 @@ class CausalLM(nn.Module):
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ModelFormatError(f"tensor {name} has shape {tuple(tensor.shape)}, "
                                        f"the config implies {tuple(param.shape)}")
-            if isinstance(tensor, (Int8Weight, Int4Weight)):
+            if isinstance(tensor, (Int8Weight, Int4Weight, GGUFRows)):
                 self._install_quantized(name, tensor, param.dtype)
             else:
                 param.copy_(tensor)
@@ -144,12 +174,22 @@ class CausalLM(nn.Module):
             shown = ", ".join(sorted(missing)[:5])
             raise ModelFormatError(f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {shown}")
 
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Merge the q/k/v and gate/up matrices (call after load_weights; names then differ from HF's)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
     def _install_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         module_name = name.removesuffix(".weight")
         parent_name, _, child = module_name.rpartition(".")
         parent = self.get_submodule(parent_name) if parent_name else self
         old = getattr(parent, child)
         device = old.weight.device
+        if isinstance(weight, GGUFRows) and isinstance(old, nn.Embedding):
+            setattr(parent, child, GGUFRowEmbedding(weight, dtype))  # looked up on the CPU
+            return
         moved = type(weight)(**{k: v.to(device) for k, v in weight.tensors().items()},
                              **({"group": weight.group} if isinstance(weight, Int4Weight) else {}))
         if isinstance(old, nn.Embedding):

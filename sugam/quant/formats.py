@@ -73,6 +73,38 @@ class Int4Weight:
         return {"packed": self.packed, "scales_zeros": self.scales_zeros}
 
 
+@dataclass
+class GGUFRows:
+    """A GGUF matrix kept as its own blocks, for row lookups only (token embeddings): each lookup
+    dequantizes just the rows asked for with the reference kernels, so the values are exact and the
+    memory is the file's."""
+    raw: torch.Tensor      # uint8 [rows, bytes_per_row]
+    qtype: str             # GGML type name, e.g. "Q5_0"
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.cols
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        picked = self.raw[ids.reshape(-1).cpu()].numpy()
+        values = dequantize(picked, GGMLQuantizationType[self.qtype]).reshape(*ids.shape, self.cols)
+        return torch.from_numpy(values)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(torch.arange(self.raw.shape[0])).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"raw": self.raw}
+
+
 QuantizedWeight = Int8Weight | Int4Weight
 
 
@@ -121,14 +153,30 @@ def quantize(weight: torch.Tensor, fmt: str, rows_per_chunk: int = 8192) -> Quan
     """Quantize a dense matrix to "int8" or "int4", a row chunk at a time (bounded float temporaries)."""
     if fmt not in ("int8", "int4"):
         raise ValueError(f"unknown weight format {fmt!r}")
-    chunks = [quantize_int4(part) if fmt == "int4" else quantize_int8(part)
-              for part in weight.split(rows_per_chunk)]
-    return concat_rows(chunks)
+    out = RowWriter(fmt, tuple(weight.shape))
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        part = weight[start:start + rows_per_chunk]
+        out.write(start, quantize_int4(part) if fmt == "int4" else quantize_int8(part))
+    return out.result
 
 
-def concat_rows(chunks: list[QuantizedWeight]) -> QuantizedWeight:
-    """Join weights quantized from consecutive row ranges (whole 64-row blocks for int4)."""
-    if isinstance(chunks[0], Int8Weight):
-        return Int8Weight(torch.cat([c.q for c in chunks]), torch.cat([c.scale for c in chunks]))
-    return Int4Weight(torch.cat([c.packed for c in chunks]), torch.cat([c.scales_zeros for c in chunks], dim=1),
-                      chunks[0].group)
+class RowWriter:
+    """Assembles a quantized matrix from row chunks in place (no second copy from concatenating)."""
+
+    def __init__(self, fmt: str, shape: tuple[int, int], group: int = INT4_GROUP):
+        n, k = shape
+        if fmt == "int8":
+            self.result: QuantizedWeight = Int8Weight(torch.empty(n, k, dtype=torch.int8),
+                                                      torch.empty(n, dtype=torch.bfloat16))
+        else:
+            self.result = Int4Weight(torch.empty(n, k // 2, dtype=torch.uint8),
+                                     torch.empty(k // group, n, 2, dtype=torch.bfloat16), group)
+
+    def write(self, start: int, chunk: QuantizedWeight) -> None:
+        rows = chunk.shape[0]
+        if isinstance(self.result, Int8Weight):
+            self.result.q[start:start + rows] = chunk.q
+            self.result.scale[start:start + rows] = chunk.scale
+        else:
+            self.result.packed[start:start + rows] = chunk.packed
+            self.result.scales_zeros[:, start:start + rows] = chunk.scales_zeros

@@ -20,7 +20,7 @@ from .formats import (
     INT4_ROW_BLOCK,
     Int4Weight,
     Int8Weight,
-    concat_rows,
+    RowWriter,
     int4_supported,
     pack_int4,
     quantize_int4,
@@ -28,7 +28,7 @@ from .formats import (
 )
 
 FOUR_BIT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
-_CHUNK_VALUES = 1 << 23  # ~32 MB of float32 temporaries per step
+_CHUNK_VALUES = 1 << 20  # ~4 MB of float32 temporaries per step
 
 
 def _rows_per_chunk(cols: int) -> int:
@@ -75,17 +75,17 @@ def repack(raw: np.ndarray, qtype: QT, shape: tuple[int, int], target: str) -> I
     """Convert one GGUF matrix (raw rows, torch shape (out, in)) to `target` ("int8" or "int4")."""
     out_features, in_features = shape
     step = _rows_per_chunk(in_features)
-    chunks = []
+    out = RowWriter(target, shape)
     for start in range(0, out_features, step):
         rows = raw[start:start + step]
         if target == "int4" and qtype in FOUR_BIT_TYPES and int4_supported(shape):
             codes, scale, offset = four_bit_groups(rows, qtype)
             scale_t = torch.from_numpy(scale)
-            chunks.append(pack_int4(torch.from_numpy(codes), scale_t, torch.from_numpy(offset) + 8 * scale_t))
+            out.write(start, pack_int4(torch.from_numpy(codes), scale_t, torch.from_numpy(offset) + 8 * scale_t))
             continue
         values = torch.from_numpy(np.ascontiguousarray(_dequantize_rows(rows, qtype)).reshape(len(rows), in_features))
-        chunks.append(quantize_int4(values) if target == "int4" else quantize_int8(values))
-    return concat_rows(chunks)
+        out.write(start, quantize_int4(values) if target == "int4" else quantize_int8(values))
+    return out.result
 
 
 def _dequantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:

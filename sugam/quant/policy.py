@@ -3,11 +3,12 @@
 Modes (the `--quantization` flag):
 - "none":  every weight dense in the model dtype (the exact fp32 reference path).
 - "gguf":  keep a GGUF file's own precision: 4-bit types (Q4_0/Q4_1/Q4_K) -> int4 with the same
-           codes, other quantized types (Q5_x, Q6_K, Q8_0) -> int8, float tensors dense.
+           codes, other quantized types (Q5_x, Q6_K, Q8_0) -> int8, float tensors dense, and an
+           untied token embedding stays in its GGUF blocks ("rows": exact, looked up row by row).
 - "int8":  every matrix int8 (per-row scales).
 - "int4":  every matrix int4 (groups of 32) where its shape allows, else int8.
-The token embedding, when quantized, is always int8: lookups read single rows, and a tied LM head
-then multiplies by the same int8 matrix.
+Otherwise a quantized token embedding is int8: lookups read single rows, and a tied LM head
+multiplies by the same int8 matrix.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ FOUR_BIT_SOURCES = {"Q4_0", "Q4_1", "Q4_K"}
 DENSE_SOURCES = {"F32", "F16", "BF16", "float32", "float16", "bfloat16"}
 _MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# (parameter name, shape, source type e.g. "Q4_K" or "bfloat16") -> "int8" | "int4" | None (dense)
+# (parameter name, shape, source type e.g. "Q4_K" or "bfloat16") -> "int8" | "int4" | "rows" | None (dense)
 WeightChooser = Callable[[str, tuple[int, ...], str], "str | None"]
 
 
@@ -33,7 +34,7 @@ def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
     return module in _MATRICES or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
-def weight_chooser(mode: str) -> WeightChooser | None:
+def weight_chooser(mode: str, tied_embeddings: bool = False) -> WeightChooser | None:
     if mode == "none":
         return None
 
@@ -43,7 +44,7 @@ def weight_chooser(mode: str) -> WeightChooser | None:
         if mode == "gguf" and source in DENSE_SOURCES:
             return None
         if name == "model.embed_tokens.weight":
-            return "int8"
+            return "rows" if mode == "gguf" and not tied_embeddings else "int8"
         if mode == "int4" or (mode == "gguf" and source in FOUR_BIT_SOURCES):
             return "int4" if int4_supported(shape) else "int8"
         return "int8"
