@@ -1,4 +1,4 @@
-"""The `sugam` command: pull, models, run, chat."""
+"""The `sugam` command: pull, models, run, chat, serve, perplexity, plan, quantize."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: one per core this process may use)")
+    _add_quantization_arg(p)
+
+
+def _add_quantization_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--quantization", default=default, choices=["auto", "none", "gguf", "int8", "int4"],
+                   help="weights in memory: auto (a GGUF keeps its precision on CPU in bf16; else dense), "
+                        "none (dense, model dtype), gguf, int8, int4 (see docs/QUANTIZATION.md)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache storage: auto (the model dtype) or int8 (about half the memory per token)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model's, 8192))")
     p.add_argument("--concurrency", type=int, default=1, help="sequences held at once (default 1)")
 
+    p = sub.add_parser("quantize", help="write an HF model's weights as int8/int4, in a folder that loads fast",
+                       epilog=EPILOG)
+    p.add_argument("model", help="an HF folder or hf:ORG/NAME (safetensors)")
+    p.add_argument("output", help="folder to write (config, tokenizer and model.safetensors)")
+    p.add_argument("--quantization", default="int4", choices=["int8", "int4"], help="weight format (default int4)")
+
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)",
                        epilog=EPILOG)
     _add_model_args(p)
@@ -100,7 +115,8 @@ def _load(args: argparse.Namespace) -> Any:
 
     start = time.perf_counter()
     # One conversation at a time: a KV pool of one context, not one sized for a server.
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=1)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=1,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return llm
 
@@ -237,7 +253,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     source = lookup_alias(args.model)
     name = args.served_model_name or (source.alias if source else path.stem if path.is_file() else path.name)
     engine_config = EngineConfig(max_model_len=args.max_model_len, kv_cache_memory=parse_size(args.kv_cache_memory),
-                                 max_num_seqs=args.max_num_seqs)
+                                 max_num_seqs=args.max_num_seqs, quantization=args.quantization,
+                                 kv_cache_dtype=args.kv_cache_dtype)
 
     def load() -> LLMEngine:
         return load_engine(path, args.dtype, args.device, engine_config)
@@ -265,6 +282,20 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
           f"({result.tokens_scored / elapsed:.0f} tok/s)")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .loader import open_checkpoint
+    from .quant.export import save_quantized
+    from .registry import resolve
+
+    start = time.perf_counter()
+    source = resolve(args.model)
+    written = save_quantized(open_checkpoint(source), Path(args.output), args.quantization)
+    print(f"wrote {args.output}/model.safetensors ({written / 1e6:.1f} MB, {args.quantization}) "
+          f"in {time.perf_counter() - start:.1f} s; run it with: sugam run {args.output} \"PROMPT\"")
+
+
 def _known_plan_names() -> list[str]:
     from .plan import KNOWN
     return list(KNOWN)
@@ -283,7 +314,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(shape, plan(shape, context, args.concurrency, memory), context, args.concurrency))
 
 
-COMMANDS = {"perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
+COMMANDS = {"quantize": cmd_quantize, "perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,13 +68,14 @@ class LLM:
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, enable_prefix_caching: bool = True,
-                 quantization: str = "auto", download: bool = True):
+                 quantization: str = "auto", kv_cache_dtype: str = "auto", download: bool = True):
         self.model_path = resolve(model, download=download)
         self.engine = load_engine(
             self.model_path, dtype, device,
             EngineConfig(max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                         enable_prefix_caching=enable_prefix_caching, quantization=quantization))
+                         enable_prefix_caching=enable_prefix_caching, quantization=quantization,
+                         kv_cache_dtype=kv_cache_dtype))
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

@@ -188,3 +188,75 @@ def test_gguf_tensor_types_are_read_from_file(tmp_path):
     assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
     out = llm.generate([[5, 17, 42]], use_tqdm=False)[0].outputs[0]
     assert out.token_ids
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_sugam_quantize_writes_a_folder_that_loads_to_the_same_model(tiny_models, tmp_path, mode):
+    from sugam.cli import main
+
+    folder, _ = tiny_models["qwen2"]
+    out = tmp_path / f"q-{mode}"
+    assert main(["quantize", str(folder), str(out), "--quantization", mode]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    quantized_at_load = LLM(str(folder), dtype="bfloat16", quantization=mode)
+    saved = LLM(str(out), dtype="bfloat16")  # no flag needed: the folder says it is quantized
+    assert saved.engine.runner.quantization == mode
+    assert saved.engine.runner.weight_bytes == quantized_at_load.engine.runner.weight_bytes
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11]
+    tokens_a, logits_a = greedy_with_logits(quantized_at_load, prompt, 4)
+    tokens_b, logits_b = greedy_with_logits(saved, prompt, 4)
+    assert tokens_a == tokens_b
+    assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b))
+
+
+def test_sugam_quantize_refuses_gguf_and_requantizing(tmp_path, tiny_models, capsys):
+    from sugam.cli import main
+
+    model = build_hf_model(tmp_path / "hf", "qwen2")
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, train_tokenizer(), quant=QT.Q8_0)
+    assert main(["quantize", str(path), str(tmp_path / "out")]) == 1
+    assert "HF folders" in capsys.readouterr().err
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_models["qwen2"][0]), str(out)]) == 0
+    assert main(["quantize", str(out), str(tmp_path / "again")]) == 1
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_int8_kv_cache_holds_twice_the_tokens_and_decodes_like_bf16(tiny_models):
+    folder, _ = tiny_models["qwen2"]
+    budget = 64 * 1024
+    bf16 = LLM(str(folder), dtype="bfloat16", kv_cache_memory=budget, block_size=8)
+    int8 = LLM(str(folder), dtype="bfloat16", kv_cache_memory=budget, block_size=8, kv_cache_dtype="int8")
+    # head_dim 16: 2 x 16 bytes per head in bf16 vs 2 x (16 + 4) in int8
+    assert int8.engine.block_manager.num_blocks == pytest.approx(bf16.engine.block_manager.num_blocks * 32 / 20, rel=0.1)
+    cache = int8.engine.runner.kv_caches[0]
+    assert cache.keys.dtype == torch.int8 and cache.key_scales is not None
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61, 62, 63]
+    # Prefill in chunks of 4, so that later chunks and the decode steps attend to cached keys.
+    exact = LLM(str(folder), dtype="float32")
+    ref_tokens, ref = greedy_with_logits(exact, prompt, 3)
+    errors = {}
+    for name, llm in (("bf16", bf16), ("int8", int8)):
+        llm.engine.config.max_num_batched_tokens = 4
+        tokens, logits = greedy_with_logits(llm, prompt, 3)
+        assert tokens[0] == ref_tokens[0]
+        errors[name] = _relative_error(logits[0], ref[0])
+    # the int8 cache adds error of the order of bf16's own (a wrong scale would be ~100 %)
+    assert errors["int8"] < max(2 * errors["bf16"], 0.03), errors
+    bm = int8.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_kv_cache_write_and_gather_round_trip_within_half_a_step():
+    from sugam.layers.attention import KVCache
+
+    torch.manual_seed(0)
+    cache = KVCache(4, 8, 2, 16, torch.bfloat16, torch.device("cpu"), int8=True)
+    k, v = torch.randn(10, 2, 16), torch.randn(10, 2, 16) * 3
+    slots = torch.tensor([8, 9, 10, 11, 12, 13, 14, 15, 24, 25])  # blocks 1 and 3
+    cache.write(slots, k, v)
+    keys, values = cache.gather(torch.tensor([1, 3]), 10, torch.float32)
+    for got, want in ((keys, k), (values, v)):
+        step = want.abs().amax(-1, keepdim=True) / 127
+        assert ((got - want).abs() <= step * 0.5 + 1e-6).all()

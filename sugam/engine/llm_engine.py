@@ -65,6 +65,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048      # tokens in one forward pass (longer prompts are chunked)
     enable_prefix_caching: bool = True      # reuse KV blocks of prompts that share a prefix
     quantization: str = "auto"              # weights in memory: auto, none, gguf, int8, int4 (sugam/quant/policy.py)
+    kv_cache_dtype: str = "auto"            # auto (the model dtype) or int8 (about half the memory per token)
 
 
 def available_memory(device: torch.device) -> int:
@@ -103,7 +104,10 @@ class LLMEngine:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         context = self.model_config.context_length
         self.max_model_len = min(cfg.max_model_len or context, context)
-        per_token = kv_bytes_per_token(self.model_config, dtype)
+        if cfg.kv_cache_dtype not in ("auto", "int8"):
+            raise InvalidRequestError(f"kv_cache_dtype must be auto or int8, not {cfg.kv_cache_dtype!r}")
+        kv_int8 = cfg.kv_cache_dtype == "int8"
+        per_token = kv_bytes_per_token(self.model_config, dtype, kv_int8)
         budget = cfg.kv_cache_memory
         if budget is None:
             budget = min(available_memory(device) // 4, per_token * self.max_model_len * cfg.max_num_seqs)
@@ -112,7 +116,7 @@ class LLMEngine:
             log.warning("KV pool holds %d tokens; limiting the context from %d to that",
                         num_blocks * bs, self.max_model_len)
             self.max_model_len = num_blocks * bs
-        self.runner.allocate_kv_cache(num_blocks, bs)
+        self.runner.allocate_kv_cache(num_blocks, bs, kv_int8)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
                  num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from ..config import ModelConfig
-from ..layers.attention import AttentionMetadata
+from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
 from ..quant.policy import resolve_mode, weight_chooser
@@ -17,9 +17,9 @@ from .sequence import Sequence
 log = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool = False) -> int:
+    return cfg.num_hidden_layers * KVCache.bytes_per_token_per_layer(
+        cfg.num_key_value_heads, cfg.head_dim, dtype, int8)
 
 
 class ModelRunner:
@@ -29,6 +29,9 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.quantization = resolve_mode(quantization, checkpoint.info.get("format", ""), device.type,
                                          dtype == torch.bfloat16)
+        stored = checkpoint.info.get("sugam_quantization")
+        if stored:  # a `sugam quantize` folder: its matrices arrive quantized whatever the mode
+            self.quantization = stored
         with torch.device("meta"):
             model = CausalLM(self.config).to(dtype)
         # Parameters get real, uninitialised storage in the final dtype, then the checkpoint fills
@@ -42,17 +45,14 @@ class ModelRunner:
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))
         _return_freed_memory()
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[KVCache] = []
         self.block_size = 0
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, int8: bool = False) -> None:
         cfg = self.config
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.block_size = block_size
-        # Zero-filled, not empty: the pool's pages are touched once here, so memory use is known at
-        # start-up and stays flat under traffic instead of creeping up as new blocks come into use.
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [KVCache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                                  self.dtype, self.device, int8)
                           for _ in range(cfg.num_hidden_layers)]
 
     @torch.inference_mode()

@@ -11,9 +11,14 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..quant.export import METADATA_KEY, assemble
+from ..quant.export import PARTS as _PARTS
 from ..quant.formats import QuantizedWeight, quantize
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
+
+
+QUANT_PARTS = {part for parts in _PARTS.values() for part in parts}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -106,6 +111,22 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
         for file in files:
             try:
                 with safe_open(str(file), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get(METADATA_KEY):  # written by `sugam quantize`: parts -> quantized weights
+                        pending: dict[str, dict[str, torch.Tensor]] = {}
+                        for name in f.keys():
+                            base, _, part = name.rpartition(".")
+                            if base.endswith(".weight") and part in QUANT_PARTS:
+                                pending.setdefault(base, {})[part] = f.get_tensor(name)
+                                weight = assemble(base, pending[base], int(meta.get("int4_group", 32)))
+                                if weight is not None:
+                                    del pending[base]
+                                    yield base, weight
+                            else:
+                                yield name, f.get_tensor(name)
+                        if pending:
+                            raise ModelFormatError(f"{file}: incomplete quantized weights: {', '.join(pending)}")
+                        continue
                     for name in f.keys():
                         tensor = f.get_tensor(name)
                         fmt = choose(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) if choose else None
@@ -113,5 +134,19 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
             except (OSError, SafetensorError) as exc:
                 raise ModelFormatError(f"{file}: cannot read safetensors ({exc})") from exc
 
+    info = {"format": "safetensors", "files": len(files)}
+    quantized = _quantization_marker(files[0])
+    if quantized:
+        info[METADATA_KEY] = quantized
     return LoadedCheckpoint(path=folder, config=config, tokenizer=spec, generation=generation,
-                            iter_weights=iter_weights, info={"format": "safetensors", "files": len(files)})
+                            iter_weights=iter_weights, info=info)
+
+
+def _quantization_marker(file: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get(METADATA_KEY)
+    except (OSError, SafetensorError) as exc:
+        raise ModelFormatError(f"{file}: cannot read safetensors ({exc})") from exc

@@ -3,12 +3,12 @@
 Modes (the `--quantization` flag):
 - "none":  every weight dense in the model dtype (the exact fp32 reference path).
 - "gguf":  keep a GGUF file's own precision: 4-bit types (Q4_0/Q4_1/Q4_K) -> int4 with the same
-           codes, other quantized types (Q5_x, Q6_K, Q8_0) -> int8, float tensors dense, and an
-           untied token embedding stays in its GGUF blocks ("rows": exact, looked up row by row).
+           codes, other quantized types (Q5_x, Q6_K, Q8_0) -> int8, float tensors dense.
 - "int8":  every matrix int8 (per-row scales).
 - "int4":  every matrix int4 (groups of 32) where its shape allows, else int8.
-Otherwise a quantized token embedding is int8: lookups read single rows, and a tied LM head
-multiplies by the same int8 matrix.
+An untied token embedding from a GGUF file stays in its GGUF blocks ("rows": exact, as small as the
+file, looked up row by row). Any other quantized embedding is int8, so that a tied LM head can
+multiply by it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def weight_chooser(mode: str, tied_embeddings: bool = False) -> WeightChooser | 
         if mode == "gguf" and source in DENSE_SOURCES:
             return None
         if name == "model.embed_tokens.weight":
-            return "rows" if mode == "gguf" and not tied_embeddings else "int8"
+            # A GGUF-quantized embedding that is only looked up stays in its blocks.
+            return "rows" if source not in DENSE_SOURCES and not tied_embeddings else "int8"
         if mode == "int4" or (mode == "gguf" and source in FOUR_BIT_SOURCES):
             return "int4" if int4_supported(shape) else "int8"
         return "int8"

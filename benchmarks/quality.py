@@ -1,0 +1,105 @@
+"""Quality of the quantized paths: perplexity vs transformers' fp32 on the same GGUF, same text and windows.
+
+    .venv/bin/python benchmarks/quality.py [--models qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct]
+
+Reference: transformers loads the GGUF (dequantized to fp32) and scores the text in the same
+windows (context 512, stride 256) as `sugam perplexity`. sugam is run in each --quantization mode:
+none (fp32, dense), gguf (the default on CPU: the file's own precision), int8 and int4. Each run
+is its own process. Writes benchmarks/results/quality.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TEXT = Path(__file__).parent / "data" / "quality.txt"
+CONTEXT, STRIDE = 512, 256
+MODES = [("none", "float32"), ("gguf", "bfloat16"), ("int8", "bfloat16"), ("int4", "bfloat16")]
+
+
+def run_sugam(path: str, mode: str, dtype: str) -> dict:
+    from sugam import LLM
+
+    llm = LLM(path, dtype=dtype, quantization=mode, max_num_seqs=1, max_model_len=CONTEXT)
+    start = time.perf_counter()
+    result = llm.perplexity(TEXT.read_text(encoding="utf-8"), context=CONTEXT, stride=STRIDE)
+    return {"mean_nll": result.mean_nll, "tokens": result.tokens_scored, "seconds": time.perf_counter() - start,
+            "weight_mb": llm.engine.runner.weight_bytes / 1e6}
+
+
+def run_transformers(path: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sugam import LLM
+    from sugam.evaluate import window_spans
+
+    ids = LLM(path, max_num_seqs=1, max_model_len=CONTEXT).get_tokenizer().encode(TEXT.read_text(encoding="utf-8"))
+    p = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    total, count, start_time = 0.0, 0, time.perf_counter()
+    with torch.inference_mode():
+        for start, end, first in window_spans(len(ids), CONTEXT, STRIDE):
+            logprobs = model(torch.tensor([ids[start:end]])).logits[0].float().log_softmax(-1)
+            targets = torch.tensor(ids[first:end])
+            total -= float(logprobs[first - start - 1:end - start - 1].gather(1, targets[:, None]).sum())
+            count += end - first
+    return {"mean_nll": total / count, "tokens": count, "seconds": time.perf_counter() - start_time}
+
+
+def child(kind: str, path: str, mode: str, dtype: str) -> None:
+    result = run_transformers(path) if kind == "transformers" else run_sugam(path, mode, dtype)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    from sugam.registry import resolve
+
+    rows = []
+    for model in args.models:
+        path = str(resolve(model))
+        runs = [("transformers", "fp32", "float32")] + [("sugam", mode, dtype) for mode, dtype in MODES]
+        reference = None
+        for kind, mode, dtype in runs:
+            out = subprocess.run([sys.executable, __file__, "--child", kind, path, mode, dtype],
+                                 capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{kind} {mode} failed on {model}")
+            r = json.loads(line[7:])
+            reference = reference or r
+            row = {"model": model, "engine": kind, "mode": mode, "dtype": dtype, "tokens": r["tokens"],
+                   "perplexity": round(math.exp(r["mean_nll"]), 4),
+                   "vs_transformers_fp32_pct": round((math.exp(r["mean_nll"] - reference["mean_nll"]) - 1) * 100, 3),
+                   "weight_mb": round(r.get("weight_mb", 0)), "tok_s": round(r["tokens"] / r["seconds"], 1)}
+            rows.append(row)
+            print(row, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [f"Text: benchmarks/data/quality.txt, windows of {CONTEXT} tokens, stride {STRIDE}.", "",
+             "| model | engine | weights | compute | weights in memory MB | perplexity | vs transformers fp32 | tok/s scored |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['engine']} | {r['mode']} | {r['dtype']} | {r['weight_mb'] or ''} | "
+                     f"{r['perplexity']:.3f} | {r['vs_transformers_fp32_pct']:+.2f} % | {r['tok_s']} |")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
