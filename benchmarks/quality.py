@@ -90,6 +90,10 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
+    previous = RESULTS / "quality.json"
+    if previous.is_file():  # keep the rows of models not re-run this time
+        kept = [r for r in json.loads(previous.read_text()) if r["model"] not in args.models]
+        rows = kept + rows
     (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [f"Text: benchmarks/data/quality.txt, windows of {CONTEXT} tokens, stride {STRIDE}.", "",
              "| model | engine | weights | compute | weights in memory MB | perplexity | vs transformers fp32 | tok/s scored |",

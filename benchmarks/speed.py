@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/speed.py [--model qwen2.5-coder-0.5b-instruct] [--engines sugam llamacpp transformers]
 
-For each engine, in a fresh process (so peak RSS is its own): prefill tok/s of a 512-token prompt,
+Engines: sugam (default: the GGUF's own precision, weights stay quantized), sugam-int4 (every
+matrix requantized to int4: faster, lower quality; see benchmarks/quality.py), llama.cpp,
+transformers. For each engine, in a fresh process (so peak RSS is its own): prefill tok/s of a 512-token prompt,
 time to first token, decode tok/s over 128 tokens (EOS ignored), peak RSS; medians of --repeats.
 "Bandwidth achieved" = bytes of weights read per decoded token x decode tok/s, printed next to the
 machine's bandwidth measured in the same run. llama.cpp comes from `pip install llama-cpp-python`
@@ -36,11 +38,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_sugam(path: str, repeats: int) -> dict:
+def bench_sugam(path: str, repeats: int, quantization: str = "auto") -> dict:
     from sugam import LLM, SamplingParams
 
-    llm = LLM(path, max_num_seqs=1, max_model_len=2048, enable_prefix_caching=False)
-    weight_bytes = _bytes_read_per_token(llm.engine.runner.model)
+    llm = LLM(path, max_num_seqs=1, max_model_len=2048, enable_prefix_caching=False, quantization=quantization)
+    weight_bytes = _sugam_bytes_read_per_token(llm.engine.runner.model)
     ids = prompt_ids()
     prefill, ttft, decode = [], [], []
     for r in range(repeats + 1):  # the first round warms up
@@ -124,6 +126,16 @@ def _gguf_tensor_bytes(path: str) -> int:
     return sum(t.raw.nbytes for name, t in tensors.items() if name not in skip)
 
 
+def _sugam_bytes_read_per_token(model) -> int:
+    """Weight bytes a sugam decode step reads: every parameter and quantized buffer except an
+    untied input embedding (one row of it is read)."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if model.config.tie_word_embeddings:
+        return total
+    embed = model.model.embed_tokens
+    return total - sum(t.numel() * t.element_size() for t in [*embed.parameters(), *embed.buffers()])
+
+
 def _bytes_read_per_token(model) -> int:
     """Parameter bytes a decode step reads: all but an untied input embedding."""
     embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") \
@@ -148,7 +160,8 @@ def machine_bandwidth_gb_s() -> float:
     return statistics.median(samples)
 
 
-ENGINES = {"sugam": bench_sugam, "llamacpp": bench_llamacpp, "transformers": bench_transformers}
+ENGINES = {"sugam": bench_sugam, "sugam-int4": lambda path, repeats: bench_sugam(path, repeats, "int4"),
+           "llamacpp": bench_llamacpp, "transformers": bench_transformers}
 
 
 def child(engine: str, path: str, repeats: int) -> None:
@@ -163,7 +176,7 @@ def child(engine: str, path: str, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--engines", nargs="+", default=["sugam", "llamacpp", "transformers"])
+    ap.add_argument("--engines", nargs="+", default=["sugam", "sugam-int4", "llamacpp", "transformers"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()

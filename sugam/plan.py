@@ -29,9 +29,9 @@ class WeightFormat:
 
 
 FORMATS = (
-    WeightFormat("bf16", 16.0, True, "what sugam runs today (GGUF files are expanded to bf16 at load)"),
-    WeightFormat("int8", 8.5, False, "int8 weights, one bf16 scale per 32"),
-    WeightFormat("int4", 5.0, False, "int4 weights, bf16 scale and zero per 32 (Q4_0/Q4_1/Q4_K map onto it)"),
+    WeightFormat("bf16", 16.0, True, "dense bf16 (--quantization none)"),
+    WeightFormat("int8", 8.0, True, "int8 weights, one bf16 scale per row (--quantization int8)"),
+    WeightFormat("int4", 5.0, True, "int4 weights, bf16 scale and zero per 32 (--quantization int4)"),
     WeightFormat("q4_k_m", 4.85, False, "llama.cpp's Q4_K_M average"),
 )
 
@@ -47,6 +47,7 @@ class ModelShape:
     num_layers: int
     kv_elements_per_token_layer: int   # K+V elements one token stores in one layer
     context_length: int
+    gguf_weight_bytes: int | None = None  # a local GGUF: bytes in memory when kept in its own precision
 
     @classmethod
     def from_config(cls, name: str, cfg: ModelConfig) -> "ModelShape":
@@ -124,7 +125,40 @@ def runtime_bytes(shape: ModelShape) -> int:
 
 def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None) -> list[PlanRow]:
     kv = kv_bytes_per_token(shape) * context * concurrency
-    return [PlanRow(f, int(shape.params * f.bits / 8), kv, runtime_bytes(shape), memory) for f in FORMATS]
+    rows = [PlanRow(f, int(shape.params * f.bits / 8), kv, runtime_bytes(shape), memory) for f in FORMATS]
+    if shape.gguf_weight_bytes:
+        own = WeightFormat("gguf", shape.gguf_weight_bytes * 8 / shape.params, True,
+                           "the file's own precision, as sugam keeps it (the default on CPU)")
+        rows.insert(0, PlanRow(own, shape.gguf_weight_bytes, kv, runtime_bytes(shape), memory))
+    return rows
+
+
+def gguf_weight_bytes(path) -> int:
+    """Bytes sugam's default (--quantization gguf) keeps in memory for this file's tensors."""
+    from .loader.gguf import GGUFFile, hf_name
+    from .quant.policy import weight_chooser
+
+    gguf = GGUFFile(path)
+    tied = "output.weight" not in gguf.tensors
+    choose = weight_chooser("gguf", tied)
+    total = 0
+    for name, tensor in gguf.tensors.items():
+        target = hf_name(name)
+        if target is None:
+            continue
+        numel = 1
+        for d in tensor.shape:
+            numel *= d
+        fmt = choose(target, tensor.shape, tensor.qtype.name)
+        if fmt == "rows":
+            total += tensor.raw.nbytes
+        elif fmt == "int4":
+            total += numel // 2 + numel // 32 * 4
+        elif fmt == "int8":
+            total += numel + tensor.shape[0] * 2
+        else:
+            total += numel * 2
+    return total
 
 
 def resolve_shape(model: str) -> ModelShape:
@@ -146,9 +180,12 @@ def resolve_shape(model: str) -> ModelShape:
             return KNOWN[key.replace("-coder", "")]
         raise
     if path.is_file():
+        from dataclasses import replace
+
         from .loader.gguf import open_gguf
 
-        return ModelShape.from_config(path.stem, open_gguf(path).config)
+        shape = ModelShape.from_config(path.stem, open_gguf(path).config)
+        return replace(shape, gguf_weight_bytes=gguf_weight_bytes(path))
     return ModelShape.from_config(path.name, ModelConfig.from_hf(json.loads((path / "config.json").read_text())))
 
 
@@ -166,7 +203,8 @@ def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrenc
                 f"{r.total / gb:8.2f}G")
         if memory is not None:
             line += "  " + ("yes" if r.fits else "no ")
-        line += "" if r.format.runs_today else "   (format planned, not yet run by sugam)"
+        line += "   (the default)" if r.format.name == "gguf" else ""
+        line += "" if r.format.runs_today else "   (llama.cpp's format, for comparison)"
         lines.append(line)
     if memory is not None:
         fitting = [r for r in rows if r.fits]
