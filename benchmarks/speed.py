@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,9 @@ def prompt_ids(seed: int = 0) -> list[int]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's high-water RSS (VmHWM starts afresh at exec; ru_maxrss would carry the parent's)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def bench_sugam(path: str, repeats: int, quantization: str = "auto") -> dict:

@@ -4,7 +4,7 @@
 
 Every concurrency level runs the same requests (random prompts of 128-512 tokens, 128 output tokens
 each, EOS ignored) in the same process, so the ratios between them are what to read. Results go to
-benchmarks/results/throughput.json and .md.
+benchmarks/results/throughput-MODEL[-QUANTIZATION].json and .md.
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ def main() -> None:
     ap.add_argument("--prefix-len", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="TTFT measurements per case (median reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantization", default="auto", help="weights in memory (see docs/QUANTIZATION.md)")
     args = ap.parse_args()
 
     prompts = random_prompts(args.num_requests, *args.prompt_len, args.seed)
     runs = []
     for c in args.concurrency:
-        llm = LLM(args.model, max_num_seqs=c, enable_prefix_caching=False)
+        llm = LLM(args.model, max_num_seqs=c, enable_prefix_caching=False, quantization=args.quantization)
         run_batch(llm, prompts[:2], 4)  # warm-up
         elapsed, tokens = run_batch(llm, prompts, args.output_len)
         runs.append({"concurrency": c, "seconds": round(elapsed, 2), "output_tokens": tokens,
@@ -72,11 +73,11 @@ def main() -> None:
 
     prefix = random_prompts(1, args.prefix_len, args.prefix_len, args.seed + 1)[0]
     suffixes = random_prompts(args.repeats + 1, 16, 16, args.seed + 2)
-    cold_llm = LLM(args.model, enable_prefix_caching=False)
+    cold_llm = LLM(args.model, enable_prefix_caching=False, quantization=args.quantization)
     time_to_first_token(cold_llm, suffixes[0])  # warm-up
     cold = [time_to_first_token(cold_llm, prefix + s) for s in suffixes[1:]]
     del cold_llm
-    warm_llm = LLM(args.model)
+    warm_llm = LLM(args.model, quantization=args.quantization)
     time_to_first_token(warm_llm, prefix + suffixes[0])  # fills the prefix cache
     cached = [time_to_first_token(warm_llm, prefix + s) for s in suffixes[1:]]
     ttft = {"prefix_tokens": args.prefix_len, "cold_s": round(statistics.median(cold), 3),
@@ -84,19 +85,21 @@ def main() -> None:
     ttft["cached_over_cold"] = round(ttft["cached_s"] / ttft["cold_s"], 3)
     print(ttft, flush=True)
 
-    result = {"model": args.model, "num_requests": args.num_requests, "prompt_len": args.prompt_len,
+    result = {"model": args.model, "quantization": args.quantization, "num_requests": args.num_requests, "prompt_len": args.prompt_len,
               "output_len": args.output_len, "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads", "torch": torch.__version__, "throughput": runs, "ttft": ttft}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Throughput: {args.model}, {args.num_requests} requests, prompts {args.prompt_len[0]}-"
+    name = Path(args.model).stem if Path(args.model).exists() else args.model
+    stem = f"throughput-{name}" + ("" if args.quantization == "auto" else f"-{args.quantization}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Throughput: {args.model} (--quantization {args.quantization}), {args.num_requests} requests, prompts {args.prompt_len[0]}-"
              f"{args.prompt_len[1]} tokens, {args.output_len} output tokens", "",
              "| concurrency | seconds | output tok/s | × concurrency {} |".format(args.concurrency[0]),
              "|---:|---:|---:|---:|"]
     lines += [f"| {r['concurrency']} | {r['seconds']} | {r['output_tok_s']} | {r['ratio_vs_first']} |" for r in runs]
     lines += ["", f"Time to first token with a {args.prefix_len}-token prefix (median of {args.repeats}): "
               f"cold {ttft['cold_s']} s, cached {ttft['cached_s']} s ({ttft['cached_over_cold']:.0%} of cold)."]
-    (RESULTS / "throughput.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
