@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, help="memory to fit in, e.g. 16GB (default: this machine's)")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model's, 8192))")
     p.add_argument("--concurrency", type=int, default=1, help="sequences held at once (default 1)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"], help="KV cache storage (default bf16)")
 
     p = sub.add_parser("quantize", help="write an HF model's weights as int8/int4, in a folder that loads fast",
                        epilog=EPILOG)
@@ -311,7 +312,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     context = args.context or min(shape.context_length, 8192)
     if context <= 0 or args.concurrency <= 0:
         raise SugamError("--context and --concurrency must be positive")
-    print(format_plan(shape, plan(shape, context, args.concurrency, memory), context, args.concurrency))
+    kv_int8 = args.kv_cache_dtype == "int8"
+    print(format_plan(shape, plan(shape, context, args.concurrency, memory, kv_int8), context, args.concurrency,
+                      kv_int8))
 
 
 COMMANDS = {"quantize": cmd_quantize, "perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}

@@ -48,11 +48,13 @@ class ModelShape:
     kv_elements_per_token_layer: int   # K+V elements one token stores in one layer
     context_length: int
     gguf_weight_bytes: int | None = None  # a local GGUF: bytes in memory when kept in its own precision
+    kv_vector_size: int = 128          # elements per cached vector (head_dim); an int8 cache adds a scale to each
 
     @classmethod
     def from_config(cls, name: str, cfg: ModelConfig) -> "ModelShape":
         return cls(name, dense_params(cfg), cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
-                   cfg.num_hidden_layers, 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.context_length)
+                   cfg.num_hidden_layers, 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.context_length,
+                   kv_vector_size=cfg.head_dim)
 
 
 def dense_params(cfg: ModelConfig) -> int:
@@ -93,7 +95,7 @@ KNOWN: dict[str, ModelShape] = {m.name: m for m in (
     _qwen("qwen3-32b", 5120, 64, 64, 8, 25600, 151936, False, 40960, 128, True),
     # A mixture of experts with multi-head latent attention: 671B parameters in all, and a KV cache
     # of one 512-wide latent plus a 64-wide rotary key per token and layer.
-    ModelShape("deepseek-r1", 671_000_000_000, 129280, 7168, 18432, 61, 512 + 64, 163840),
+    ModelShape("deepseek-r1", 671_000_000_000, 129280, 7168, 18432, 61, 512 + 64, 163840, kv_vector_size=512 + 64),
 )}
 
 
@@ -114,8 +116,11 @@ class PlanRow:
         return None if self.memory is None else self.total <= self.memory
 
 
-def kv_bytes_per_token(shape: ModelShape, kv_dtype_bytes: int = 2) -> int:
-    return shape.num_layers * shape.kv_elements_per_token_layer * kv_dtype_bytes
+def kv_bytes_per_token(shape: ModelShape, int8: bool = False) -> int:
+    """bf16: 2 bytes an element; int8 (--kv-cache-dtype int8): 1 byte plus a float32 scale per vector."""
+    elements = shape.kv_elements_per_token_layer
+    per_layer = elements + elements // shape.kv_vector_size * 4 if int8 else elements * 2
+    return shape.num_layers * per_layer
 
 
 def runtime_bytes(shape: ModelShape) -> int:
@@ -123,8 +128,9 @@ def runtime_bytes(shape: ModelShape) -> int:
     return RUNTIME_BASE + shape.vocab_size * TOKENIZER_PER_TOKEN + activations
 
 
-def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None) -> list[PlanRow]:
-    kv = kv_bytes_per_token(shape) * context * concurrency
+def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None,
+         kv_int8: bool = False) -> list[PlanRow]:
+    kv = kv_bytes_per_token(shape, kv_int8) * context * concurrency
     rows = [PlanRow(f, int(shape.params * f.bits / 8), kv, runtime_bytes(shape), memory) for f in FORMATS]
     if shape.gguf_weight_bytes:
         own = WeightFormat("gguf", shape.gguf_weight_bytes * 8 / shape.params, True,
@@ -189,10 +195,12 @@ def resolve_shape(model: str) -> ModelShape:
     return ModelShape.from_config(path.name, ModelConfig.from_hf(json.loads((path / "config.json").read_text())))
 
 
-def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int) -> str:
+def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int,
+                kv_int8: bool = False) -> str:
     gb = 1e9
-    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache {kv_bytes_per_token(shape) / 1024:.0f} KiB "
-             f"per token (bf16), context {context} x {concurrency} sequence(s)"]
+    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache "
+             f"{kv_bytes_per_token(shape, kv_int8) / 1024:.0f} KiB per token ({'int8' if kv_int8 else 'bf16'}), "
+             f"context {context} x {concurrency} sequence(s)"]
     memory = rows[0].memory
     header = f"{'format':8s} {'weights':>9s} {'KV cache':>9s} {'runtime':>8s} {'total':>9s}"
     if memory is not None:
@@ -213,7 +221,7 @@ def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrenc
             lines += ["", f"highest precision that fits: {best.format.name} ({best.total / gb:.1f} GB of "
                           f"{memory / gb:.0f} GB)"]
         else:
-            per_token = kv_bytes_per_token(shape)
+            per_token = kv_bytes_per_token(shape, kv_int8)
             smallest = min(rows, key=lambda r: r.total)
             lines += ["", f"does not fit even as {smallest.format.name} ({smallest.total / gb:.1f} GB); "
                           f"the weights alone need {smallest.weights / gb:.1f} GB"]

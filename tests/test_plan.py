@@ -33,6 +33,20 @@ def test_qwq_in_4_bit_fits_a_desktop_and_r1_does_not():
     assert all(not r.fits for r in plan(KNOWN["deepseek-r1"], context=8192, concurrency=1, memory=256 * 10**9))
     # KV grows with context and concurrency
     assert kv_bytes_per_token(KNOWN["qwq-32b"]) == 64 * 2 * 8 * 128 * 2
+    # an int8 cache: one byte an element plus a float32 scale per 128-element vector
+    assert kv_bytes_per_token(KNOWN["qwq-32b"], int8=True) == 64 * 2 * 8 * (128 + 4)
+
+
+def test_int8_kv_prediction_matches_the_engine_pool(tiny_models):
+    from sugam import LLM
+    from sugam.engine.runner import kv_bytes_per_token as engine_kv_bytes
+
+    folder = tiny_models["qwen2"][0]
+    shape = resolve_shape(str(folder))
+    llm = LLM(str(folder), kv_cache_dtype="int8")
+    cfg = llm.engine.model_config
+    assert kv_bytes_per_token(shape, int8=True) == engine_kv_bytes(cfg, llm.engine.runner.dtype, True)
+    assert kv_bytes_per_token(shape) == engine_kv_bytes(cfg, llm.engine.runner.dtype)
 
 
 def test_plan_cli(tiny_models):
