@@ -61,7 +61,9 @@ class BlockManager:
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of `seq`'s tokens (at least one token is left
         to compute, so the model still produces logits for the next token)."""
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.params.seed is not None:
+            # A seeded request computes its whole prompt, so that it repeats exactly: a prompt
+            # partly served from the cache takes other kernels and can differ in the last bits.
             return []
         tokens, bs = seq.all_token_ids, self.block_size
         found: list[int] = []
