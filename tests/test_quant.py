@@ -260,3 +260,19 @@ def test_kv_cache_write_and_gather_round_trip_within_half_a_step():
     for got, want in ((keys, k), (values, v)):
         step = want.abs().amax(-1, keepdim=True) / 127
         assert ((got - want).abs() <= step * 0.5 + 1e-6).all()
+
+
+def test_head_matmul_uses_kernels_in_row_chunks_without_a_dense_copy():
+    from sugam.quant.linear import _dequant_buffer, head_matmul
+
+    torch.manual_seed(0)
+    weight = quantize_int8(torch.randn(320, 64) * 0.05)
+    x = torch.randn(KERNEL_MAX_ROWS * 2 + 3, 64).bfloat16()
+    before = dict(_dequant_buffer._buffers)
+    out = head_matmul(x, weight)
+    assert _dequant_buffer._buffers == before  # no dequantized copy of the head
+    # each row equals the same row computed alone (batch-invariant logits)
+    for i in (0, KERNEL_MAX_ROWS, x.shape[0] - 1):
+        assert torch.equal(out[i], head_matmul(x[i:i + 1], weight)[0])
+    expected = x.float() @ weight.dequantize().t()
+    assert (out.float() - expected).abs().max() <= 0.02 * expected.abs().max()

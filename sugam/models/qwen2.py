@@ -23,7 +23,7 @@ from ..layers.rmsnorm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..quant import Int4Weight, Int8Weight, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from ..quant.formats import GGUFRows
-from ..quant.linear import GGUFRowEmbedding, fuse_linears, quantized_matmul
+from ..quant.linear import GGUFRowEmbedding, fuse_linears, head_matmul
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         if isinstance(head, (QuantizedLinear, QuantizedEmbedding)):
-            return quantized_matmul(hidden, head.quantized_weight).float()
+            return head_matmul(hidden, head.quantized_weight).float()
         return F.linear(hidden, head.weight).float()
 
     @torch.no_grad()

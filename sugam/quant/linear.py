@@ -119,6 +119,23 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return out.to(dtype)
 
 
+def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """The LM head: few rows (one per sampling sequence) times a vocabulary-sized matrix. Always the
+    kernels, 32 rows at a time: dequantizing a 150k-row head would need a buffer of its size in bf16
+    (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch."""
+    if not x.is_cpu:
+        return quantized_matmul(x, weight)
+    xb = x.to(torch.bfloat16)
+    parts = []
+    for start in range(0, xb.shape[0], KERNEL_MAX_ROWS):
+        rows = xb[start:start + KERNEL_MAX_ROWS]
+        if isinstance(weight, Int8Weight):
+            parts.append(torch._weight_int8pack_mm(rows, weight.q, weight.scale))
+        else:
+            parts.append(torch._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group, weight.scales_zeros))
+    return torch.cat(parts).to(x.dtype) if len(parts) > 1 else parts[0].to(x.dtype)
+
+
 class QuantizedLinear(nn.Module):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
