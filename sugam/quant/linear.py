@@ -8,8 +8,10 @@ multiplied by the bf16 GEMM, which is 2-3x faster there (benchmarks/linear.py):
     bf16       317   453   819  1075   5259
     int8pack   132   281  1364  2351  14072
     int4pack    81   259  1025  2330  15644
-    int8 deq.+bf16 GEMM         1711   5929
-  (1536x8960, 512 tokens: bf16 GEMM 15 ms, int4 dequantize 15 ms, int4pack kernel 43 ms)
+
+The kernels cost grows linearly with the rows (they are GEMV kernels). Dequantizing the whole
+Qwen2.5-0.5B body takes ~40 ms (int8 ~18 G weights/s: one conversion pass, the row scale applied
+to the product; int4 ~2.6 G weights/s), so the switch sits at 32 rows.
 
 Which path a row takes changes its last bits, so a forward that carries prompt tokens runs every
 matmul through dequantize + GEMM (`prompt_batch`), whatever its size: a prompt then gives the same
