@@ -11,7 +11,6 @@ from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
-from ..quant.linear import prompt_batch
 from ..quant.policy import resolve_mode, weight_chooser
 from .sequence import Sequence
 
@@ -84,16 +83,12 @@ class ModelRunner:
         device = self.device
         meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
                                        query_lens, context_lens, tables)
-        # Prompt tokens always take the same matmul path (see quant/linear.py), so that a prompt's
-        # logits do not depend on how much of it the prefix cache supplied.
-        has_prompt = any(n > 1 or seq.num_computed_tokens < len(seq.prompt_token_ids) for seq, n in scheduled)
-        with prompt_batch(has_prompt):
-            hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
-                                torch.tensor(positions, dtype=torch.long, device=device),
-                                self.kv_caches, meta)
-            if not sample_rows:
-                return None
-            return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
+        hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
+                            torch.tensor(positions, dtype=torch.long, device=device),
+                            self.kv_caches, meta)
+        if not sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
 
 
 def _return_freed_memory() -> None:

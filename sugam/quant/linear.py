@@ -13,19 +13,14 @@ The kernels cost grows linearly with the rows (they are GEMV kernels). Dequantiz
 Qwen2.5-0.5B body takes ~40 ms (int8 ~18 G weights/s: one conversion pass, the row scale applied
 to the product; int4 ~2.6 G weights/s), so the switch sits at 32 rows.
 
-Which path a row takes changes its last bits, so a forward that carries prompt tokens runs every
-matmul through dequantize + GEMM (`prompt_batch`), whatever its size: a prompt then gives the same
-logits whether or not part of it came from the prefix cache, and seeded sampling repeats. (The bf16
-GEMM and the kernels each give a row the same result whatever the batch size.)
+Which path a row takes changes its last bits (the bf16 GEMM and the kernels each give a row the
+same result whatever the batch size, but not the same as each other). Seeded requests therefore
+compute their whole prompt (engine/block_manager.py), so that they repeat exactly.
 
 Other devices than the CPU dequantize the weight for every call: correct, not fast.
 """
 
 from __future__ import annotations
-
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +30,6 @@ from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, Quantized
 
 # Up to this many rows the weight-only kernels win; above it, dequantize + GEMM.
 KERNEL_MAX_ROWS = 32
-
-
-class _PathChoice(threading.local):
-    prompt_batch = False
-
-
-_path = _PathChoice()
-
-
-@contextmanager
-def prompt_batch(active: bool = True) -> Iterator[None]:
-    """Within this block, quantized matmuls take the dequantize + GEMM path for any batch size."""
-    previous, _path.prompt_batch = _path.prompt_batch, active
-    try:
-        yield
-    finally:
-        _path.prompt_batch = previous
 
 
 class _DequantBuffer:
@@ -110,7 +88,7 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     xb = x.to(torch.bfloat16)
     if x.device.type != "cpu":
         return F.linear(xb, weight.dequantize(torch.bfloat16)).to(dtype)
-    if x.shape[0] > KERNEL_MAX_ROWS or _path.prompt_batch:
+    if x.shape[0] > KERNEL_MAX_ROWS:
         transposed, out_scale = _dequantized_transpose(weight, x.device)
         out = xb @ transposed
         return (out if out_scale is None else out.mul_(out_scale)).to(dtype)
@@ -155,8 +133,7 @@ class QuantizedLinear(nn.Module):
         return Int4Weight(self.packed, self.scales_zeros, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu
-                and not _path.prompt_batch):
+        if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu:
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,
             # each costing microseconds of dispatch, so the ops around the kernel matter).
             if self.weight_format == "int8":
