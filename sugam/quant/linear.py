@@ -82,6 +82,13 @@ def _dequantized_transpose(weight: QuantizedWeight, device: torch.device) -> tup
     return buf.view(k, n), None
 
 
+def _kernel_matmul(xb: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """bf16 rows (at most KERNEL_MAX_ROWS of them) times the weight, by PyTorch's CPU kernel."""
+    if isinstance(weight, Int8Weight):
+        return torch._weight_int8pack_mm(xb, weight.q, weight.scale)
+    return torch._weight_int4pack_mm_for_cpu(xb, weight.packed, weight.group, weight.scales_zeros)
+
+
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [rows, in] -> [rows, out] in x's dtype (computed in bf16)."""
     dtype = x.dtype
@@ -92,28 +99,15 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         transposed, out_scale = _dequantized_transpose(weight, x.device)
         out = xb @ transposed
         return (out if out_scale is None else out.mul_(out_scale)).to(dtype)
-    if isinstance(weight, Int8Weight):
-        out = torch._weight_int8pack_mm(xb, weight.q, weight.scale)
-    else:
-        out = torch._weight_int4pack_mm_for_cpu(xb, weight.packed, weight.group, weight.scales_zeros)
-    return out.to(dtype)
+    return _kernel_matmul(xb, weight).to(dtype)
 
 
 def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """The LM head: few rows (one per sampling sequence) times a vocabulary-sized matrix. Always the
     kernels, 32 rows at a time: dequantizing a 150k-row head would need a buffer of its size in bf16
     (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch."""
-    if not x.is_cpu:
-        return quantized_matmul(x, weight)
-    xb = x.to(torch.bfloat16)
-    parts = []
-    for start in range(0, xb.shape[0], KERNEL_MAX_ROWS):
-        rows = xb[start:start + KERNEL_MAX_ROWS]
-        if isinstance(weight, Int8Weight):
-            parts.append(torch._weight_int8pack_mm(rows, weight.q, weight.scale))
-        else:
-            parts.append(torch._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group, weight.scales_zeros))
-    return torch.cat(parts).to(x.dtype) if len(parts) > 1 else parts[0].to(x.dtype)
+    parts = [quantized_matmul(rows, weight) for rows in x.split(KERNEL_MAX_ROWS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class QuantizedLinear(nn.Module):
@@ -136,10 +130,7 @@ class QuantizedLinear(nn.Module):
         if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu:
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,
             # each costing microseconds of dispatch, so the ops around the kernel matter).
-            if self.weight_format == "int8":
-                out = torch._weight_int8pack_mm(x, self.q, self.scale)
-            else:
-                out = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+            out = _kernel_matmul(x, self.quantized_weight)
             return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(-1, self.in_features)
         out = quantized_matmul(flat, self.quantized_weight)
