@@ -6,8 +6,8 @@ offset read from the file is checked against the file size before it is trusted,
 `gguf.GGUFReader` needs. The `gguf` package supplies the type tables and the reference
 dequantization kernels.
 
-Weights stay as raw quantized rows (`GGUFTensor`) until the model asks for them, so a later
-quantized-in-memory path can repack blocks instead of dequantizing.
+Weights stay as raw quantized rows (`GGUFTensor`) until the model asks for them, so the quantized
+path (`sugam/quant/gguf_repack.py`) repacks blocks instead of dequantizing whole tensors.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant.formats import GGUFRows, QuantizedWeight
-from ..quant.gguf_repack import repack
+from ..quant.gguf_repack import dequantize_rows, repack
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
 
@@ -58,17 +57,7 @@ class GGUFTensor:
 
     def dequantize(self) -> torch.Tensor:
         """Float32 values, exactly as the GGUF reference kernels compute them."""
-        qt = self.qtype
-        if qt == GGMLQuantizationType.F32:
-            values = np.array(self.raw, dtype=np.float32)  # copy: the mmap is read-only
-        elif qt == GGMLQuantizationType.F16:
-            values = np.asarray(self.raw).astype(np.float32)
-        elif qt == GGMLQuantizationType.BF16:
-            bits = np.asarray(self.raw).view(np.uint16).astype(np.uint32) << 16
-            values = bits.view(np.float32)
-        else:
-            values = gguf_dequantize(self.raw, qt)
-        return torch.from_numpy(np.ascontiguousarray(values).reshape(self.shape))
+        return torch.from_numpy(np.ascontiguousarray(dequantize_rows(self.raw, self.qtype)).reshape(self.shape))
 
 
 class _Cursor:

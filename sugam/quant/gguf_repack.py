@@ -83,14 +83,16 @@ def repack(raw: np.ndarray, qtype: QT, shape: tuple[int, int], target: str) -> I
             scale_t = torch.from_numpy(scale)
             out.write(start, pack_int4(torch.from_numpy(codes), scale_t, torch.from_numpy(offset) + 8 * scale_t))
             continue
-        values = torch.from_numpy(np.ascontiguousarray(_dequantize_rows(rows, qtype)).reshape(len(rows), in_features))
+        values = torch.from_numpy(np.ascontiguousarray(dequantize_rows(rows, qtype)).reshape(len(rows), in_features))
         out.write(start, quantize_int4(values) if target == "int4" else quantize_int8(values))
     return out.result
 
 
-def _dequantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:
+def dequantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:
+    """Float32 values of GGUF rows of any supported type, as the reference kernels compute them
+    (always a new array: the file's mapping is read-only)."""
     if qtype == QT.F32:
-        return np.asarray(rows, dtype=np.float32)
+        return np.array(rows, dtype=np.float32)
     if qtype == QT.F16:
         return np.asarray(rows).astype(np.float32)
     if qtype == QT.BF16:
