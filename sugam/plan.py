@@ -8,9 +8,14 @@ against the RSS of a running model).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .loader.gguf import GGUFFile
 
 # Fitted to sugam's steady RSS after loading and generating (smollm2-135m: 362 MB beyond weights and
 # KV; qwen2.5-coder-0.5b: 413 MB), then the activations of a full batch added on top, so the
@@ -139,31 +144,25 @@ def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None,
     return rows
 
 
-def gguf_weight_bytes(path) -> int:
+def gguf_weight_bytes(gguf: "GGUFFile", tied_embeddings: bool) -> int:
     """Bytes sugam's default (--quantization gguf) keeps in memory for this file's tensors."""
-    from .loader.gguf import GGUFFile, hf_name
+    from .loader.gguf import hf_name
+    from .quant.formats import stored_bytes
     from .quant.policy import weight_chooser
 
-    gguf = GGUFFile(path)
-    tied = "output.weight" not in gguf.tensors
-    choose = weight_chooser("gguf", tied)
+    choose = weight_chooser("gguf", tied_embeddings)
     total = 0
     for name, tensor in gguf.tensors.items():
         target = hf_name(name)
         if target is None:
             continue
-        numel = 1
-        for d in tensor.shape:
-            numel *= d
         fmt = choose(target, tensor.shape, tensor.qtype.name)
         if fmt == "rows":
             total += tensor.raw.nbytes
-        elif fmt == "int4":
-            total += numel // 2 + numel // 32 * 4
-        elif fmt == "int8":
-            total += numel + tensor.shape[0] * 2
+        elif fmt in ("int4", "int8"):
+            total += stored_bytes(fmt, tensor.shape)
         else:
-            total += numel * 2
+            total += math.prod(tensor.shape) * 2  # dense bf16
     return total
 
 
@@ -188,10 +187,12 @@ def resolve_shape(model: str) -> ModelShape:
     if path.is_file():
         from dataclasses import replace
 
-        from .loader.gguf import open_gguf
+        from .loader.gguf import GGUFFile, open_gguf
 
-        shape = ModelShape.from_config(path.stem, open_gguf(path).config)
-        return replace(shape, gguf_weight_bytes=gguf_weight_bytes(path))
+        gguf = GGUFFile(path)
+        config = open_gguf(path, gguf).config
+        shape = ModelShape.from_config(path.stem, config)
+        return replace(shape, gguf_weight_bytes=gguf_weight_bytes(gguf, config.tie_word_embeddings))
     return ModelShape.from_config(path.name, ModelConfig.from_hf(json.loads((path / "config.json").read_text())))
 
 

@@ -227,8 +227,9 @@ def unpermute_rows(raw: np.ndarray, n_heads: int) -> np.ndarray:
                .swapaxes(1, 2).reshape(raw.shape))
 
 
-def open_gguf(path: Path) -> LoadedCheckpoint:
-    gguf = GGUFFile(path)
+def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
+    """`gguf`: the file already parsed, when the caller needs its tensor table too."""
+    gguf = gguf or GGUFFile(path)
     meta, tensors = gguf.metadata, gguf.tensors
     if "token_embd.weight" not in tensors:
         raise ModelFormatError(f"{path}: no token_embd.weight tensor; not a language model GGUF")

@@ -118,7 +118,7 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
                             base, _, part = name.rpartition(".")
                             if base.endswith(".weight") and part in QUANT_PARTS:
                                 pending.setdefault(base, {})[part] = f.get_tensor(name)
-                                weight = assemble(base, pending[base], int(meta.get("int4_group", 32)))
+                                weight = assemble(pending[base], int(meta.get("int4_group", 32)))
                                 if weight is not None:
                                     del pending[base]
                                     yield base, weight

@@ -56,8 +56,8 @@ def save_quantized(checkpoint: LoadedCheckpoint, out_dir: Path, mode: str) -> in
     return target.stat().st_size
 
 
-def assemble(name: str, parts: dict[str, torch.Tensor], group: int) -> Int8Weight | Int4Weight | None:
-    """The quantized weight stored under `name` once all its parts are read, else None."""
+def assemble(parts: dict[str, torch.Tensor], group: int) -> Int8Weight | Int4Weight | None:
+    """The quantized weight once all its stored parts are read, else None."""
     if set(parts) == set(PARTS["int8"]):
         return Int8Weight(parts["q"], parts["scale"])
     if set(parts) == set(PARTS["int4"]):

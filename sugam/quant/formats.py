@@ -31,10 +31,6 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
-    @property
-    def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * self.scale.element_size()
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scale.to(torch.float32)[:, None]).to(dtype)
 
@@ -51,10 +47,6 @@ class Int4Weight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], self.packed.shape[1] * 2
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size()
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes as uint8 [out, in], undoing the CPU packing."""
@@ -86,10 +78,6 @@ class GGUFRows:
     def shape(self) -> tuple[int, int]:
         return self.raw.shape[0], self.cols
 
-    @property
-    def nbytes(self) -> int:
-        return self.raw.numel()
-
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -98,14 +86,19 @@ class GGUFRows:
         values = dequantize(picked, GGMLQuantizationType[self.qtype]).reshape(*ids.shape, self.cols)
         return torch.from_numpy(values)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.rows(torch.arange(self.raw.shape[0])).to(dtype)
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"raw": self.raw}
 
 
 QuantizedWeight = Int8Weight | Int4Weight
+
+
+def stored_bytes(fmt: str, shape: tuple[int, int]) -> int:
+    """Bytes a matrix takes in memory as "int8" or "int4" (scales included)."""
+    n, k = shape
+    if fmt == "int8":
+        return n * k + n * 2                          # codes + one bf16 scale per row
+    return n * k // 2 + n * (k // INT4_GROUP) * 4     # 4-bit codes + bf16 scale and zero per group
 
 
 def int4_supported(shape: tuple[int, ...], group: int = INT4_GROUP) -> bool:
