@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant.export import METADATA_KEY, assemble
 from ..quant.export import PARTS as _PARTS
-from ..quant.formats import QuantizedWeight, quantize
+from ..quant.formats import INT4_GROUP, QuantizedWeight, quantize
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
 
@@ -118,7 +118,7 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
                             base, _, part = name.rpartition(".")
                             if base.endswith(".weight") and part in QUANT_PARTS:
                                 pending.setdefault(base, {})[part] = f.get_tensor(name)
-                                weight = assemble(pending[base], int(meta.get("int4_group", 32)))
+                                weight = assemble(pending[base], int(meta.get("int4_group", INT4_GROUP)))
                                 if weight is not None:
                                     del pending[base]
                                     yield base, weight
