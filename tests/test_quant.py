@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as QT
 
 from sugam import LLM
 from sugam.loader.gguf import GGUFFile
+from sugam.quant import native
 from sugam.quant import Int4Weight, Int8Weight, QuantizedLinear, quantize_int4, quantize_int8
 from sugam.quant.formats import pack_int4, quantize
 from sugam.quant.gguf_repack import four_bit_groups, repack
@@ -121,8 +122,13 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("kernels", ["sugam", "pytorch"])
 @pytest.mark.parametrize("quant", [QT.Q4_0, QT.Q8_0])
-def test_gguf_model_keeps_weights_quantized_and_agrees_with_dense(tmp_path, quant):
+def test_gguf_model_keeps_weights_quantized_and_agrees_with_dense(tmp_path, monkeypatch, quant, kernels):
+    if kernels == "sugam" and not native.available():
+        pytest.skip("sugam's CPU kernels do not run on this machine")
+    if kernels == "pytorch":
+        monkeypatch.setattr("sugam.engine.runner.native_kernels.available", lambda: False)
     model = build_hf_model(tmp_path / "hf", "qwen2", intermediate_size=256)
     path = tmp_path / "m.gguf"
     write_gguf(path, model, train_tokenizer(), quant=quant)
@@ -133,7 +139,8 @@ def test_gguf_model_keeps_weights_quantized_and_agrees_with_dense(tmp_path, quan
     assert runner.quantization == "gguf"
     mlp = runner.model.model.layers[0].mlp
     assert isinstance(mlp.gate_up_proj, QuantizedLinear)  # gate and up fused after loading
-    assert mlp.gate_up_proj.weight_format == ("int4" if quant == QT.Q4_0 else "int8")
+    expected = "packed" if kernels == "sugam" else "int4" if quant == QT.Q4_0 else "int8"
+    assert mlp.gate_up_proj.weight_format == expected
     assert runner.weight_bytes < dense.engine.runner.weight_bytes
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
     _, logits = greedy_with_logits(packed, prompt, 1)
@@ -175,16 +182,25 @@ def test_unknown_quantization_is_a_clear_error(tiny_models):
         LLM(str(tiny_models["qwen2"][0]), quantization="int3")
 
 
-def test_gguf_tensor_types_are_read_from_file(tmp_path):
+@pytest.mark.parametrize("kernels", ["sugam", "pytorch"])
+def test_gguf_tensor_types_are_read_from_file(tmp_path, monkeypatch, kernels):
+    if kernels == "sugam" and not native.available():
+        pytest.skip("sugam's CPU kernels do not run on this machine")
+    if kernels == "pytorch":
+        monkeypatch.setattr("sugam.engine.runner.native_kernels.available", lambda: False)
     model = build_hf_model(tmp_path / "hf", "llama")
     path = tmp_path / "m.gguf"
     write_gguf(path, model, train_tokenizer(), pre="smollm", quant=QT.Q4_1)
     assert QT.Q4_1 in {t.qtype for t in GGUFFile(path).tensors.values()}
     llm = LLM(str(path), dtype="bfloat16")
     layer = llm.engine.runner.model.model.layers[0]
-    # q: 64 rows, a whole int4 block; k, v: 32 rows, int8 (the int4 packing needs 64), so no fusion
-    assert layer.self_attn.q_proj.weight_format == "int4"
-    assert layer.self_attn.k_proj.weight_format == "int8"
+    if kernels == "sugam":  # every Q4_1 matrix keeps its blocks, so q, k and v fuse
+        assert layer.self_attn.qkv_proj.weight_format == "packed"
+        assert layer.self_attn.qkv_proj.qtype == "Q4_1"
+    else:
+        # q: 64 rows, a whole int4 block; k, v: 32 rows, int8 (the int4 packing needs 64), so no fusion
+        assert layer.self_attn.q_proj.weight_format == "int4"
+        assert layer.self_attn.k_proj.weight_format == "int8"
     assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
     out = llm.generate([[5, 17, 42]], use_tqdm=False)[0].outputs[0]
     assert out.token_ids

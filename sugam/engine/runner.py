@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
+from ..quant import native as native_kernels
 from ..quant.policy import resolve_mode, weight_chooser
 from .sequence import Sequence
 
@@ -39,7 +40,9 @@ class ModelRunner:
         # costs no memory before the quantized module replaces it.
         model = model.to_empty(device=device)
         model.rotary.init_frequencies(device)
-        model.load_weights(checkpoint.iter_weights(weight_chooser(self.quantization, self.config.tie_word_embeddings)))
+        packed_kernels = self.quantization == "gguf" and device.type == "cpu" and native_kernels.available()
+        model.load_weights(checkpoint.iter_weights(
+            weight_chooser(self.quantization, self.config.tie_word_embeddings, packed_kernels)))
         model.fuse_projections()
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()

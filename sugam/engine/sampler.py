@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -15,12 +16,18 @@ def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(seq.all_token_ids)), device=logits.device, dtype=torch.long)
         values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        logits[seen] = _finite(torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty))
     if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
         out = torch.tensor(seq.output_token_ids, device=logits.device, dtype=torch.long)
         counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        logits = _finite(logits)
     return logits
+
+
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    """Extreme penalties can overflow: keep every logit a number so that softmax stays defined."""
+    return torch.nan_to_num(values, nan=float("-inf"), posinf=torch.finfo(values.dtype).max)
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -54,14 +61,17 @@ class Sampler:
             if forced is not None:
                 results.append((forced, self._logprobs(raw, forced, p.logprobs) if p.logprobs is not None else None))
                 continue
-            row = _apply_penalties(row.clone(), seq)
-            # Extreme penalties can overflow: keep every logit a number so softmax stays defined.
-            row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
-            if seq.constrained:
-                seq.grammar.mask_logits(row)  # type: ignore[union-attr]
-            if not bool(torch.isfinite(row).any()):
-                row = raw.clone()  # nothing left to choose from: fall back to the model's own choice
-                p = replace(p, temperature=0.0)
+            penalized = p.repetition_penalty != 1.0 or bool((p.presence_penalty or p.frequency_penalty)
+                                                             and seq.output_token_ids)
+            if penalized or seq.constrained:  # else the row is used as it is (no 152k-entry passes)
+                row = _apply_penalties(row.clone(), seq)
+                if seq.constrained:
+                    seq.grammar.mask_logits(row)  # type: ignore[union-attr]
+                if not math.isfinite(float(row.max())):
+                    row = _finite(row)  # NaN from the model
+                if not math.isfinite(float(row.max())):
+                    row = raw  # nothing left to choose from: fall back to the model's own choice
+                    p = replace(p, temperature=0.0)
             if p.greedy:
                 token = int(torch.argmax(row))
             else:

@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant.formats import GGUFRows, QuantizedWeight
-from ..quant.gguf_repack import dequantize_rows, repack
+from ..quant.gguf_repack import dequantize_rows, pack_for_kernels, repack
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
 
@@ -277,9 +277,11 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
                 yield target, tensor.dequantize()
             elif fmt == "rows":  # kept as the file's blocks (a copy: the mapping is released)
                 yield target, GGUFRows(torch.from_numpy(np.array(tensor.raw)), tensor.qtype.name, tensor.shape[1])
+            elif fmt == "packed":  # the file's blocks, rearranged for sugam's CPU kernels
+                yield target, pack_for_kernels(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape)
             else:  # repacked block by block: no float copy of the whole matrix
                 yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape, fmt)
-            gguf.drop_pages(tensors[name])  # both paths made their own copy
+            gguf.drop_pages(tensors[name])  # every path made its own copy
 
     types: dict[str, int] = {}
     for t in tensors.values():

@@ -9,6 +9,7 @@ explicit head_dim; Llama has no QKV bias (optionally bias everywhere) and may ti
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterable
 
@@ -22,7 +23,7 @@ from ..layers.attention import AttentionMetadata, KVCache, paged_attention
 from ..layers.rmsnorm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..quant import Int4Weight, Int8Weight, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
-from ..quant.formats import GGUFRows
+from ..quant.formats import GGUFRows, PackedGGUFWeight
 from ..quant.linear import GGUFRowEmbedding, fuse_linears, head_matmul
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class CausalLM(nn.Module):
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ModelFormatError(f"tensor {name} has shape {tuple(tensor.shape)}, "
                                        f"the config implies {tuple(param.shape)}")
-            if isinstance(tensor, (Int8Weight, Int4Weight, GGUFRows)):
+            if isinstance(tensor, (Int8Weight, Int4Weight, PackedGGUFWeight, GGUFRows)):
                 self._install_quantized(name, tensor, param.dtype)
             else:
                 param.copy_(tensor)
@@ -190,8 +191,7 @@ class CausalLM(nn.Module):
         if isinstance(weight, GGUFRows) and isinstance(old, nn.Embedding):
             setattr(parent, child, GGUFRowEmbedding(weight, dtype))  # looked up on the CPU
             return
-        moved = type(weight)(**{k: v.to(device) for k, v in weight.tensors().items()},
-                             **({"group": weight.group} if isinstance(weight, Int4Weight) else {}))
+        moved = dataclasses.replace(weight, **{k: v.to(device) for k, v in weight.tensors().items()})
         if isinstance(old, nn.Embedding):
             if not isinstance(weight, Int8Weight):
                 raise ModelFormatError(f"{name}: the embedding must be int8, got {type(weight).__name__}")

@@ -1,5 +1,8 @@
 """GGUF blocks -> in-memory formats, one row chunk at a time (no full-precision copy of a tensor).
 
+Where sugam's own CPU kernels run, matrices keep the file's blocks (`pack_for_kernels`, exact).
+Elsewhere they are repacked for PyTorch's kernels (`repack`):
+
 4-bit types map onto Int4Weight group for group: Q4_0, Q4_1 and Q4_K all use groups of 32 with
 w = scale * code + offset, so the codes carry over unchanged and only the scale and offset are
 rounded to the kernel's bf16 (relative error <= 2^-9 of the scale). 5-, 6- and 8-bit types are
@@ -20,12 +23,14 @@ from .formats import (
     INT4_ROW_BLOCK,
     Int4Weight,
     Int8Weight,
+    PackedGGUFWeight,
     RowWriter,
     int4_supported,
     pack_int4,
     quantize_int4,
     quantize_int8,
 )
+from .native.pack import pack_rows, packed_row_bytes
 
 FOUR_BIT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 _CHUNK_VALUES = 1 << 20  # ~4 MB of float32 temporaries per step
@@ -86,6 +91,16 @@ def repack(raw: np.ndarray, qtype: QT, shape: tuple[int, int], target: str) -> I
         values = torch.from_numpy(np.ascontiguousarray(dequantize_rows(rows, qtype)).reshape(len(rows), in_features))
         out.write(start, quantize_int4(values) if target == "int4" else quantize_int8(values))
     return out.result
+
+
+def pack_for_kernels(raw: np.ndarray, qtype: QT, shape: tuple[int, int]) -> PackedGGUFWeight:
+    """One GGUF matrix (raw rows, torch shape (out, in)) -> sugam's kernel layout, a row chunk at a time."""
+    out_features, in_features = shape
+    packed = torch.empty(out_features, packed_row_bytes(qtype.name, in_features), dtype=torch.uint8)
+    step = _rows_per_chunk(in_features)
+    for start in range(0, out_features, step):
+        packed[start:start + step] = torch.from_numpy(pack_rows(raw[start:start + step], qtype.name, in_features))
+    return PackedGGUFWeight(packed, qtype.name, in_features)
 
 
 def dequantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:

@@ -26,10 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, QuantizedWeight
+from . import native
+from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, PackedGGUFWeight, QuantizedWeight
 
 # Up to this many rows the weight-only kernels win; above it, dequantize + GEMM.
 KERNEL_MAX_ROWS = 32
+# The same switch for sugam's packed-GGUF kernels (their cost per extra row is higher).
+PACKED_KERNEL_MAX_ROWS = 8
+# Larger matrices (the LM head) are dequantized and multiplied this many values at a time.
+DEQUANT_CHUNK_VALUES = 16 << 20
 
 
 class _DequantBuffer:
@@ -89,8 +94,28 @@ def _kernel_matmul(xb: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return torch._weight_int4pack_mm_for_cpu(xb, weight.packed, weight.group, weight.scales_zeros)
 
 
+def _packed_matmul(x: torch.Tensor, weight: PackedGGUFWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] -> [rows, out] in x's dtype: the kernel for few rows, else dequantize + bf16 GEMM,
+    in row chunks of the weight (a vocabulary-sized head never needs a full bf16 copy)."""
+    if x.shape[0] <= PACKED_KERNEL_MAX_ROWS:
+        return native.matmul(x, weight.packed, weight.qtype, weight.cols, bias)
+    n, k = weight.shape
+    xb = x.to(torch.bfloat16)
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    step = max(1, DEQUANT_CHUNK_VALUES // k)
+    for start in range(0, n, step):
+        rows = weight.packed[start:start + step]
+        w = native.dequantize(rows, weight.qtype, k, _dequant_buffer.get(rows.shape[0] * k, x.device).view(-1, k))
+        torch.matmul(xb, w.t(), out=out[:, start:start + rows.shape[0]])
+    if bias is not None:
+        out += bias
+    return out.to(x.dtype)
+
+
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """x [rows, in] -> [rows, out] in x's dtype (computed in bf16)."""
+    """x [rows, in] -> [rows, out] in x's dtype (computed in bf16, or int8 x GGUF codes)."""
+    if isinstance(weight, PackedGGUFWeight):
+        return _packed_matmul(x, weight)
     dtype = x.dtype
     xb = x.to(torch.bfloat16)
     if x.device.type != "cpu":
@@ -105,7 +130,10 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """The LM head: few rows (one per sampling sequence) times a vocabulary-sized matrix. Always the
     kernels, 32 rows at a time: dequantizing a 150k-row head would need a buffer of its size in bf16
-    (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch."""
+    (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch.
+    (A packed GGUF head dequantizes in row chunks instead, see _packed_matmul.)"""
+    if isinstance(weight, PackedGGUFWeight):
+        return _packed_matmul(x, weight)
     parts = [quantized_matmul(rows, weight) for rows in x.split(KERNEL_MAX_ROWS)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -114,19 +142,27 @@ class QuantizedLinear(nn.Module):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight_format = "int8" if isinstance(weight, Int8Weight) else "int4"
+        self.weight_format = ("int8" if isinstance(weight, Int8Weight) else "int4" if isinstance(weight, Int4Weight)
+                              else "packed")
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
         self.group = getattr(weight, "group", 0)
+        self.qtype = getattr(weight, "qtype", "")
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
         if self.weight_format == "int8":
             return Int8Weight(self.q, self.scale)
+        if self.weight_format == "packed":
+            return PackedGGUFWeight(self.packed, self.qtype, self.in_features)
         return Int4Weight(self.packed, self.scales_zeros, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_format == "packed":
+            flat = x.reshape(-1, self.in_features)
+            out = _packed_matmul(flat, self.quantized_weight, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu:
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,
             # each costing microseconds of dispatch, so the ops around the kernel matter).
@@ -139,7 +175,8 @@ class QuantizedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight_format}"
+        fmt = f"{self.weight_format} {self.qtype}" if self.qtype else self.weight_format
+        return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
 
 
 def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
@@ -159,9 +196,12 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
     if not all(isinstance(m, QuantizedLinear) for m in modules):
         return None
     first = modules[0]
-    if any(m.weight_format != first.weight_format or m.group != first.group for m in modules):
+    if any(m.weight_format != first.weight_format or m.group != first.group or m.qtype != first.qtype
+           for m in modules):
         return None
-    if first.weight_format == "int8":
+    if first.weight_format == "packed":
+        weight = PackedGGUFWeight(torch.cat([m.packed for m in modules]), first.qtype, first.in_features)
+    elif first.weight_format == "int8":
         weight: QuantizedWeight = Int8Weight(torch.cat([m.q for m in modules]), torch.cat([m.scale for m in modules]))
     else:  # each part is whole 64-row blocks, so the packed rows simply stack
         weight = Int4Weight(torch.cat([m.packed for m in modules]),

@@ -1,0 +1,119 @@
+"""sugam's own CPU kernels for GGUF blocks: exact values, products that follow their stated numerics."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from sugam.quant import native
+from sugam.quant.formats import PackedGGUFWeight
+from sugam.quant.linear import PACKED_KERNEL_MAX_ROWS, quantized_matmul
+from sugam.quant.native.pack import FILE_BLOCKS, pack_rows, packed_row_bytes
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="sugam's CPU kernels do not run on this machine")
+
+# where each block type keeps its fp16 scale fields (the other bytes may be anything)
+FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+TYPES = list(FILE_BLOCKS)
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid GGUF rows: random codes and sub-scales, finite random fp16 scales."""
+    rng = np.random.default_rng(seed)
+    values, nbytes = FILE_BLOCKS[qtype]
+    n = rows * cols // values
+    raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+    for at in FP16_FIELDS[qtype]:
+        raw[:, at:at + 2] = rng.uniform(1e-3, 2e-2, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, -1)
+
+
+def reference(raw: np.ndarray, qtype: str, rows: int, cols: int) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, QT[qtype]).reshape(rows, cols))
+
+
+def cols_for(qtype: str) -> list[int]:
+    return [256, 768] if FILE_BLOCKS[qtype][0] == 256 else [64, 192]
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_packed_rows_dequantize_exactly_to_the_gguf_reference(qtype):
+    for cols in cols_for(qtype):
+        raw = random_blocks(qtype, 48, cols)
+        packed = torch.from_numpy(pack_rows(raw, qtype, cols))
+        assert packed.shape[1] == packed_row_bytes(qtype, cols) <= raw.shape[1] * 1.03  # the file's size
+        ref = reference(raw, qtype, 48, cols)
+        assert torch.equal(native.dequantize(packed, qtype, cols, torch.empty(48, cols)), ref)
+        bf16 = native.dequantize(packed, qtype, cols, torch.empty(48, cols, dtype=torch.bfloat16))
+        assert torch.equal(bf16, ref.bfloat16())
+
+
+def int8_activation_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes: x rounded to int8 per block of 32 (scale max|x|/127), times W in float64."""
+    blocks = x.double().view(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(scale > 0, scale, torch.ones_like(scale))) * scale
+    return q.view(x.shape) @ weight.double().T
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_matmul_equals_its_int8_activation_math(qtype, rows):
+    torch.manual_seed(0)
+    cols = cols_for(qtype)[-1]
+    raw = random_blocks(qtype, 40, cols, seed=1)
+    packed = torch.from_numpy(pack_rows(raw, qtype, cols))
+    w = reference(raw, qtype, 40, cols)
+    x, bias = torch.randn(rows, cols), torch.randn(40)
+    expected = int8_activation_product(x, w) + bias.double()
+    got = native.matmul(x, packed, qtype, cols, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, 40)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    # against the exact product the int8 activations cost ~0.5 % on these random weights
+    exact = x.double() @ w.double().T + bias.double()
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 0.02
+    # bf16 activations are read and written in place: the same math, rounded once at the end
+    xb = x.bfloat16()
+    got_bf16 = native.matmul(xb, packed, qtype, cols, bias.bfloat16())
+    expected_bf16 = int8_activation_product(xb.float(), w) + bias.bfloat16().double()
+    assert got_bf16.dtype == torch.bfloat16
+    assert torch.allclose(got_bf16.double(), expected_bf16, rtol=1e-2, atol=1e-2 * expected_bf16.abs().max().item())
+
+
+def test_each_row_gets_the_same_result_whatever_the_batch():
+    cols = 256
+    raw = random_blocks("Q4_K", 64, cols)
+    packed = torch.from_numpy(pack_rows(raw, "Q4_K", cols))
+    x = torch.randn(6, cols).bfloat16()
+    batch = native.matmul(x, packed, "Q4_K", cols)
+    for i in range(6):
+        assert torch.equal(native.matmul(x[i:i + 1], packed, "Q4_K", cols)[0], batch[i])
+
+
+def test_many_rows_dequantize_and_use_the_gemm():
+    torch.manual_seed(0)
+    cols = 192
+    raw = random_blocks("Q5_0", 96, cols)
+    weight = PackedGGUFWeight(torch.from_numpy(pack_rows(raw, "Q5_0", cols)), "Q5_0", cols)
+    x = torch.randn(PACKED_KERNEL_MAX_ROWS + 7, cols).bfloat16()
+    dense = (x.float() @ reference(raw, "Q5_0", 96, cols).bfloat16().float().T)
+    got = quantized_matmul(x, weight).float()
+    assert ((got - dense).norm() / dense.norm()).item() < 0.01
+    # and the first rows alone take the kernel path: same answer up to the int8 activations
+    few = quantized_matmul(x[:PACKED_KERNEL_MAX_ROWS], weight).float()
+    assert ((few - dense[:PACKED_KERNEL_MAX_ROWS]).norm() / dense[:PACKED_KERNEL_MAX_ROWS].norm()).item() < 0.01
+
+
+def test_mismatched_shapes_are_clear_errors():
+    raw = random_blocks("Q8_0", 4, 64)
+    packed = torch.from_numpy(pack_rows(raw, "Q8_0", 64))
+    with pytest.raises(RuntimeError, match="bytes a row do not hold"):
+        native.matmul(torch.randn(1, 128), packed, "Q8_0", 128)
+    with pytest.raises(RuntimeError, match="x must be"):
+        native.matmul(torch.randn(1, 32), packed, "Q8_0", 64)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        pack_rows(random_blocks("Q8_0", 1, 32), "Q8_0", 32)
