@@ -8,10 +8,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from sugam.quant import native
+from sugam import native
 from sugam.quant.formats import PackedGGUFWeight
 from sugam.quant.linear import PACKED_KERNEL_MAX_ROWS, quantized_matmul
-from sugam.quant.native.pack import FILE_BLOCKS, pack_rows, packed_row_bytes
+from sugam.quant.gguf_pack import FILE_BLOCKS, pack_rows, packed_row_bytes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="sugam's CPU kernels do not run on this machine")
 
@@ -47,8 +47,8 @@ def test_packed_rows_dequantize_exactly_to_the_gguf_reference(qtype):
         packed = torch.from_numpy(pack_rows(raw, qtype, cols))
         assert packed.shape[1] == packed_row_bytes(qtype, cols) <= raw.shape[1] * 1.03  # the file's size
         ref = reference(raw, qtype, 48, cols)
-        assert torch.equal(native.dequantize(packed, qtype, cols, torch.empty(48, cols)), ref)
-        bf16 = native.dequantize(packed, qtype, cols, torch.empty(48, cols, dtype=torch.bfloat16))
+        assert torch.equal(native.gguf_dequantize(packed, qtype, cols, torch.empty(48, cols)), ref)
+        bf16 = native.gguf_dequantize(packed, qtype, cols, torch.empty(48, cols, dtype=torch.bfloat16))
         assert torch.equal(bf16, ref.bfloat16())
 
 
@@ -70,7 +70,7 @@ def test_matmul_equals_its_int8_activation_math(qtype, rows):
     w = reference(raw, qtype, 40, cols)
     x, bias = torch.randn(rows, cols), torch.randn(40)
     expected = int8_activation_product(x, w) + bias.double()
-    got = native.matmul(x, packed, qtype, cols, bias)
+    got = native.gguf_matmul(x, packed, qtype, cols, bias)
     assert got.dtype == torch.float32 and got.shape == (rows, 40)
     assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
     # against the exact product the int8 activations cost ~0.5 % on these random weights
@@ -78,7 +78,7 @@ def test_matmul_equals_its_int8_activation_math(qtype, rows):
     assert ((got.double() - exact).norm() / exact.norm()).item() < 0.02
     # bf16 activations are read and written in place: the same math, rounded once at the end
     xb = x.bfloat16()
-    got_bf16 = native.matmul(xb, packed, qtype, cols, bias.bfloat16())
+    got_bf16 = native.gguf_matmul(xb, packed, qtype, cols, bias.bfloat16())
     expected_bf16 = int8_activation_product(xb.float(), w) + bias.bfloat16().double()
     assert got_bf16.dtype == torch.bfloat16
     assert torch.allclose(got_bf16.double(), expected_bf16, rtol=1e-2, atol=1e-2 * expected_bf16.abs().max().item())
@@ -89,9 +89,9 @@ def test_each_row_gets_the_same_result_whatever_the_batch():
     raw = random_blocks("Q4_K", 64, cols)
     packed = torch.from_numpy(pack_rows(raw, "Q4_K", cols))
     x = torch.randn(6, cols).bfloat16()
-    batch = native.matmul(x, packed, "Q4_K", cols)
+    batch = native.gguf_matmul(x, packed, "Q4_K", cols)
     for i in range(6):
-        assert torch.equal(native.matmul(x[i:i + 1], packed, "Q4_K", cols)[0], batch[i])
+        assert torch.equal(native.gguf_matmul(x[i:i + 1], packed, "Q4_K", cols)[0], batch[i])
 
 
 def test_many_rows_dequantize_and_use_the_gemm():
@@ -112,8 +112,8 @@ def test_mismatched_shapes_are_clear_errors():
     raw = random_blocks("Q8_0", 4, 64)
     packed = torch.from_numpy(pack_rows(raw, "Q8_0", 64))
     with pytest.raises(RuntimeError, match="bytes a row do not hold"):
-        native.matmul(torch.randn(1, 128), packed, "Q8_0", 128)
+        native.gguf_matmul(torch.randn(1, 128), packed, "Q8_0", 128)
     with pytest.raises(RuntimeError, match="x must be"):
-        native.matmul(torch.randn(1, 32), packed, "Q8_0", 64)
+        native.gguf_matmul(torch.randn(1, 32), packed, "Q8_0", 64)
     with pytest.raises(ValueError, match="cannot be packed"):
         pack_rows(random_blocks("Q8_0", 1, 32), "Q8_0", 32)

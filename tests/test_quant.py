@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as QT
 
 from sugam import LLM
 from sugam.loader.gguf import GGUFFile
-from sugam.quant import native
+from sugam import native
 from sugam.quant import Int4Weight, Int8Weight, QuantizedLinear, quantize_int4, quantize_int8
 from sugam.quant.formats import pack_int4, quantize
 from sugam.quant.gguf_repack import four_bit_groups, repack

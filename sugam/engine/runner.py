@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
-from ..quant import native as native_kernels
+from .. import native as native_kernels
 from ..quant.policy import resolve_mode, weight_chooser
 from .sequence import Sequence
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import native
+
 
 @dataclass
 class AttentionMetadata:
@@ -30,6 +32,10 @@ class AttentionMetadata:
     context_lens: list[int]             # tokens of each sequence in the cache after this step
     block_tables: list[torch.Tensor]    # per sequence: long tensor of block ids covering context_lens
     causal_masks: list[torch.Tensor | None]  # per sequence: bool mask when a chunk follows cached tokens
+    # Sequences that bring one token, for sugam's CPU decode-attention kernel (None where it does not run)
+    decode_tokens: torch.Tensor | None = None   # [n] long: their rows in the flattened batch
+    decode_tables: torch.Tensor | None = None   # [n, max blocks] long, padded with 0
+    decode_lens: torch.Tensor | None = None     # [n] long
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, query_lens: list[int], context_lens: list[int],
@@ -44,7 +50,17 @@ class AttentionMetadata:
             else:
                 query_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
                 masks.append(torch.arange(ctx_len, device=device)[None, :] <= query_pos[:, None])
-        return cls(slot_mapping, starts, query_lens, context_lens, block_tables, masks)
+        meta = cls(slot_mapping, starts, query_lens, context_lens, block_tables, masks)
+        decoding = [i for i, q_len in enumerate(query_lens) if q_len == 1]
+        if decoding and device.type == "cpu" and native.available():
+            width = max(len(block_tables[i]) for i in decoding)
+            tables = torch.zeros(len(decoding), width, dtype=torch.long)
+            for row, i in enumerate(decoding):
+                tables[row, :len(block_tables[i])] = block_tables[i]
+            meta.decode_tokens = torch.tensor([starts[i] for i in decoding], dtype=torch.long)
+            meta.decode_tables = tables
+            meta.decode_lens = torch.tensor([context_lens[i] for i in decoding], dtype=torch.long)
+        return meta
 
 
 class KVCache:
@@ -105,8 +121,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     cache.write(meta.slot_mapping, k, v)
 
     out = torch.empty_like(q)
+    # Decoding sequences in one call of sugam's kernel (bf16 models; fp32 stays the reference path).
+    native_decode = meta.decode_tokens is not None and q.dtype == torch.bfloat16 and head_dim % 16 == 0
+    if native_decode:
+        every_token = len(meta.decode_tokens) == q.shape[0]
+        rows = q.contiguous() if every_token else q[meta.decode_tokens]
+        attended = native.decode_attention(rows, cache.keys, cache.values, cache.key_scales, cache.value_scales,
+                                           meta.decode_tables, meta.decode_lens, scale)
+        if every_token:
+            return attended
+        out[meta.decode_tokens] = attended
     for start, q_len, ctx_len, table, mask in zip(meta.query_starts, meta.query_lens, meta.context_lens,
                                                   meta.block_tables, meta.causal_masks):
+        if q_len == 1 and native_decode:
+            continue
         end = start + q_len
         if q_len == ctx_len:  # nothing cached before this chunk: use the fresh keys directly
             keys, values = k[start:end], v[start:end]

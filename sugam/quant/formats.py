@@ -92,7 +92,7 @@ class GGUFRows:
 
 @dataclass
 class PackedGGUFWeight:
-    """A GGUF matrix in the row layout of sugam's own CPU kernels (quant/native/gguf_cpu.cpp): the
+    """A GGUF matrix in the row layout of sugam's own CPU kernels (sugam/native/gguf_matmul.cpp): the
     file's codes and scales rearranged, as many bytes as the file, values exactly the reference's."""
     packed: torch.Tensor   # uint8 [out, packed_row_bytes(qtype, cols)]
     qtype: str             # GGML type name, e.g. "Q5_0"
@@ -103,10 +103,10 @@ class PackedGGUFWeight:
         return self.packed.shape[0], self.cols
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from . import native
+        from .. import native
 
         out = torch.empty(self.shape, dtype=torch.float32 if dtype != torch.bfloat16 else dtype)
-        return native.dequantize(self.packed.cpu(), self.qtype, self.cols, out).to(device=self.packed.device, dtype=dtype)
+        return native.gguf_dequantize(self.packed.cpu(), self.qtype, self.cols, out).to(device=self.packed.device, dtype=dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed}

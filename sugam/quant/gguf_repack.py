@@ -30,7 +30,7 @@ from .formats import (
     quantize_int4,
     quantize_int8,
 )
-from .native.pack import pack_rows, packed_row_bytes
+from .gguf_pack import pack_rows, packed_row_bytes
 
 FOUR_BIT_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
 _CHUNK_VALUES = 1 << 20  # ~4 MB of float32 temporaries per step

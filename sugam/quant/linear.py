@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from .. import native
 from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, PackedGGUFWeight, QuantizedWeight
 
 # Up to this many rows the weight-only kernels win; above it, dequantize + GEMM.
@@ -98,14 +98,14 @@ def _packed_matmul(x: torch.Tensor, weight: PackedGGUFWeight, bias: torch.Tensor
     """x [rows, in] -> [rows, out] in x's dtype: the kernel for few rows, else dequantize + bf16 GEMM,
     in row chunks of the weight (a vocabulary-sized head never needs a full bf16 copy)."""
     if x.shape[0] <= PACKED_KERNEL_MAX_ROWS:
-        return native.matmul(x, weight.packed, weight.qtype, weight.cols, bias)
+        return native.gguf_matmul(x, weight.packed, weight.qtype, weight.cols, bias)
     n, k = weight.shape
     xb = x.to(torch.bfloat16)
     out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     step = max(1, DEQUANT_CHUNK_VALUES // k)
     for start in range(0, n, step):
         rows = weight.packed[start:start + step]
-        w = native.dequantize(rows, weight.qtype, k, _dequant_buffer.get(rows.shape[0] * k, x.device).view(-1, k))
+        w = native.gguf_dequantize(rows, weight.qtype, k, _dequant_buffer.get(rows.shape[0] * k, x.device).view(-1, k))
         torch.matmul(xb, w.t(), out=out[:, start:start + rows.shape[0]])
     if bias is not None:
         out += bias

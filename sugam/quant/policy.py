@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from ..errors import SugamError
 from .formats import int4_supported
-from .native.pack import packable
+from .gguf_pack import packable
 
 MODES = ("auto", "none", "gguf", "int8", "int4")
 FOUR_BIT_SOURCES = {"Q4_0", "Q4_1", "Q4_K"}

@@ -4,8 +4,8 @@
 // weight) or their int4 layout (5 bits with bf16 scale and offset); a Q5_0 matrix as int8 costs 1.45x
 // the file's bytes. These kernels read as many bytes as the file holds.
 //
-// The weights are the GGUF file's codes and scales, rearranged at load time (sugam/quant/native/
-// pack.py) so that a row decodes with a few vector instructions per 64 values. Row layout for K
+// The weights are the GGUF file's codes and scales, rearranged at load time (sugam/quant/gguf_pack.py)
+// so that a row decodes with a few vector instructions per 64 values. Row layout for K
 // values (K % 64 == 0), in this order:
 //   codes   Q8_0: K bytes (code + 128); others: K/2 bytes, chunk c of 64 values in 32 bytes, byte j
 //           holding value 64c+j in its low nibble and 64c+32+j in its high one
@@ -380,12 +380,12 @@ void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::
 
 }  // namespace
 
-TORCH_LIBRARY(sugam_gguf, m) {
-  m.def("matmul(Tensor x, Tensor packed, int qtype, int cols, Tensor? bias=None) -> Tensor");
-  m.def("dequantize(Tensor packed, int qtype, int cols, Tensor(a!) out) -> ()");
+TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
+  m.def("gguf_matmul(Tensor x, Tensor packed, int qtype, int cols, Tensor? bias=None) -> Tensor");
+  m.def("gguf_dequantize(Tensor packed, int qtype, int cols, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(sugam_gguf, CPU, m) {
-  m.impl("matmul", &gguf_matmul);
-  m.impl("dequantize", &gguf_dequantize);
+TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) {
+  m.impl("gguf_matmul", &gguf_matmul);
+  m.impl("gguf_dequantize", &gguf_dequantize);
 }

@@ -1,0 +1,82 @@
+"""sugam's own CPU kernels, compiled on first use:
+
+- gguf_matmul.cpp: products with GGUF-quantized matrices at the file's size (int8 activations,
+  AVX-512 VNNI), and their exact dequantization;
+- attention.cpp: decode attention read in place through the paged KV cache's block tables.
+
+They need an x86-64 CPU with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD
+since Zen 4), a C++ compiler and `ninja`. The build takes ~15 s once and is cached by PyTorch
+(~/.cache/torch_extensions). Anywhere else `available()` is False and sugam uses PyTorch's own
+kernels (GGUF weights repacked by sugam/quant/gguf_repack.py, attention as PyTorch ops).
+SUGAM_NATIVE_KERNELS=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# GGML types the GGUF kernels read (name -> GGML type id).
+GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gguf_matmul.cpp", "attention.cpp")]
+
+
+def cpu_supported() -> bool:
+    """This CPU can run the kernels (and they are not turned off); says nothing about the build."""
+    if os.environ.get("SUGAM_NATIVE_KERNELS", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    present = set(flags.split(":", 1)[1].split())
+    return all(flag in present for flag in _CPU_FLAGS)
+
+
+@cache
+def available() -> bool:
+    """True when the kernels are built and loaded (building them on the first call)."""
+    if not cpu_supported():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("building sugam's CPU kernels (once, ~15 s)")
+        load(name="sugam_cpu", sources=[str(s) for s in _SOURCES], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                           "-mavx512bf16", "-mf16c", "-mfma"],
+             extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # no compiler, no ninja, ...: PyTorch's kernels still work
+        log.warning("sugam's CPU kernels are unavailable (%s); using PyTorch's kernels", exc)
+        return False
+    return True
+
+
+def gguf_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, cols] @ W^T (+ bias) -> [rows, out] in x's dtype, W in sugam's packed GGUF layout."""
+    return torch.ops.sugam_cpu.gguf_matmul(x, packed, GGUF_TYPES[qtype], cols, bias)
+
+
+def gguf_dequantize(packed: torch.Tensor, qtype: str, cols: int, out: torch.Tensor) -> torch.Tensor:
+    """Write W [out, cols] (fp32 or bf16) into `out`; the values equal the GGUF reference's."""
+    torch.ops.sugam_cpu.gguf_dequantize(packed, GGUF_TYPES[qtype], cols, out)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence: q [n, heads, dim] -> [n, heads, dim], computed in fp32."""
+    return torch.ops.sugam_cpu.decode_attention(q, k_cache, v_cache, k_scales, v_scales,
+                                                block_tables, context_lens, scale)
