@@ -2,7 +2,8 @@
 
 - gguf_matmul.cpp: products with GGUF-quantized matrices at the file's size (int8 activations,
   AVX-512 VNNI), and their exact dequantization;
-- attention.cpp: decode attention read in place through the paged KV cache's block tables.
+- attention.cpp: decode attention read in place through the paged KV cache's block tables;
+- layers.cpp: RMSNorm as one call.
 
 They need an x86-64 CPU with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD
 since Zen 4), a C++ compiler and `ninja`. The build takes ~15 s once and is cached by PyTorch
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # GGML types the GGUF kernels read (name -> GGML type id).
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
-_SOURCES = [Path(__file__).with_name(name) for name in ("gguf_matmul.cpp", "attention.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gguf_matmul.cpp", "attention.cpp", "layers.cpp")]
 
 
 def cpu_supported() -> bool:
@@ -80,3 +81,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query token per sequence: q [n, heads, dim] -> [n, heads, dim], computed in fp32."""
     return torch.ops.sugam_cpu.decode_attention(q, k_cache, v_cache, k_scales, v_scales,
                                                 block_tables, context_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)) over the last dimension (contiguous x, last dimension a multiple of 16)."""
+    return torch.ops.sugam_cpu.rms_norm(x, weight, eps)
