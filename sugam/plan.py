@@ -147,10 +147,13 @@ def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None,
 def gguf_weight_bytes(gguf: "GGUFFile", tied_embeddings: bool) -> int:
     """Bytes sugam's default (--quantization gguf) keeps in memory for this file's tensors."""
     from .loader.gguf import hf_name
+    from . import native
     from .quant.formats import stored_bytes
+    from .quant.gguf_pack import packed_row_bytes
     from .quant.policy import weight_chooser
 
-    choose = weight_chooser("gguf", tied_embeddings)
+    # sugam's own CPU kernels keep the file's blocks; whether they run is a property of this CPU
+    choose = weight_chooser("gguf", tied_embeddings, packed_kernels=native.cpu_supported())
     total = 0
     for name, tensor in gguf.tensors.items():
         target = hf_name(name)
@@ -159,6 +162,8 @@ def gguf_weight_bytes(gguf: "GGUFFile", tied_embeddings: bool) -> int:
         fmt = choose(target, tensor.shape, tensor.qtype.name)
         if fmt == "rows":
             total += tensor.raw.nbytes
+        elif fmt == "packed":
+            total += tensor.shape[0] * packed_row_bytes(tensor.qtype.name, tensor.shape[1])
         elif fmt in ("int4", "int8"):
             total += stored_bytes(fmt, tensor.shape)
         else:

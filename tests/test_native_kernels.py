@@ -52,9 +52,15 @@ def test_packed_rows_dequantize_exactly_to_the_gguf_reference(qtype):
         assert torch.equal(bf16, ref.bfloat16())
 
 
-def int8_activation_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes: x rounded to int8 per block of 32 (scale max|x|/127), times W in float64."""
-    blocks = x.double().view(x.shape[0], -1, 32)
+def activation_block(qtype: str) -> int:
+    """Q4_K/Q5_K rows are multiplied with activations quantized per 256 values (one scale per
+    super-block, so that their integer sub-scales apply to integer sums); the others per 32."""
+    return 256 if qtype in ("Q4_K", "Q5_K") else 32
+
+
+def int8_activation_product(x: torch.Tensor, weight: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """What the kernel computes: x rounded to int8 per block (scale max|x|/127), times W in float64."""
+    blocks = x.double().view(x.shape[0], -1, block)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     q = torch.round(blocks / torch.where(scale > 0, scale, torch.ones_like(scale))) * scale
     return q.view(x.shape) @ weight.double().T
@@ -69,7 +75,7 @@ def test_matmul_equals_its_int8_activation_math(qtype, rows):
     packed = torch.from_numpy(pack_rows(raw, qtype, cols))
     w = reference(raw, qtype, 40, cols)
     x, bias = torch.randn(rows, cols), torch.randn(40)
-    expected = int8_activation_product(x, w) + bias.double()
+    expected = int8_activation_product(x, w, activation_block(qtype)) + bias.double()
     got = native.gguf_matmul(x, packed, qtype, cols, bias)
     assert got.dtype == torch.float32 and got.shape == (rows, 40)
     assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
@@ -79,7 +85,7 @@ def test_matmul_equals_its_int8_activation_math(qtype, rows):
     # bf16 activations are read and written in place: the same math, rounded once at the end
     xb = x.bfloat16()
     got_bf16 = native.gguf_matmul(xb, packed, qtype, cols, bias.bfloat16())
-    expected_bf16 = int8_activation_product(xb.float(), w) + bias.bfloat16().double()
+    expected_bf16 = int8_activation_product(xb.float(), w, activation_block(qtype)) + bias.bfloat16().double()
     assert got_bf16.dtype == torch.bfloat16
     assert torch.allclose(got_bf16.double(), expected_bf16, rtol=1e-2, atol=1e-2 * expected_bf16.abs().max().item())
 

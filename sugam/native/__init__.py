@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # GGML types the GGUF kernels read (name -> GGML type id).
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
-_SOURCES = [Path(__file__).with_name(name) for name in ("gguf_matmul.cpp", "attention.cpp", "layers.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp")]
 
 
 def cpu_supported() -> bool:

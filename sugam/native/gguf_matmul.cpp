@@ -34,6 +34,10 @@
 #include <cstring>
 #include <vector>
 
+// Q4_K / Q5_K products (gguf_kquant.cpp; a translation unit of its own, see there).
+at::Tensor k4_gguf_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, int64_t cols,
+                          const c10::optional<at::Tensor>& bias, at::ScalarType out_type);
+
 namespace {
 
 // GGML type ids (gguf.GGMLQuantizationType)
@@ -300,6 +304,7 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const at::Tensor x = bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
   const int64_t rows = x.size(0), n_out = packed.size(0), row_bytes = packed.size(1);
+  if (qtype == Q4_K || qtype == Q5_K) return k4_gguf_matmul(x, packed, qtype, cols, bias, x_in.scalar_type());
   at::Tensor qa = at::empty({rows, cols}, x.options().dtype(at::kChar));
   at::Tensor a_lanes = at::empty({rows, cols / 4}, x.options().dtype(at::kFloat));
   at::Tensor a_sum16 = at::empty({rows, cols / 16}, x.options().dtype(at::kFloat));
