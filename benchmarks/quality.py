@@ -21,12 +21,21 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent / "data" / "quality.txt"
 CONTEXT, STRIDE = 512, 256
-MODES = [("none", "float32"), ("gguf", "bfloat16"), ("int8", "bfloat16"), ("int4", "bfloat16")]
+MODES = [("none", "float32"), ("gguf", "bfloat16"), ("gguf-decode", "bfloat16"), ("int8", "bfloat16"),
+         ("int4", "bfloat16")]
 
 
 def run_sugam(path: str, mode: str, dtype: str) -> dict:
     from sugam import LLM
 
+    if mode == "gguf-decode":
+        # Score every window through the decode kernels (int8 activations x the file's blocks) instead
+        # of the dequantize + bf16 GEMM that prompts take: each row gets exactly the arithmetic of
+        # a decoded token, so this is the quality of generation, not only of prompt processing.
+        import sugam.quant.linear
+
+        sugam.quant.linear.PACKED_KERNEL_MAX_ROWS = 1 << 30
+        mode = "gguf"
     llm = LLM(path, dtype=dtype, quantization=mode, max_num_seqs=1, max_model_len=CONTEXT)
     start = time.perf_counter()
     result = llm.perplexity(TEXT.read_text(encoding="utf-8"), context=CONTEXT, stride=STRIDE)

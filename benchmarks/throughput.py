@@ -71,6 +71,18 @@ def main() -> None:
     for r in runs:
         r["ratio_vs_first"] = round(r["output_tok_s"] / base, 2)
 
+    # Decode-bound, as llama-batched-bench's generation figure: the largest concurrency, every
+    # request a 16-token prompt, so that the time is nearly all batched decode steps.
+    c = max(args.concurrency)
+    llm = LLM(args.model, max_num_seqs=c, enable_prefix_caching=False, quantization=args.quantization)
+    short = random_prompts(c, 16, 16, args.seed + 3)
+    run_batch(llm, short[:2], 4)
+    elapsed, tokens = run_batch(llm, short, args.output_len)
+    decode_bound = {"concurrency": c, "prompt_len": 16, "seconds": round(elapsed, 2), "output_tokens": tokens,
+                    "output_tok_s": round(tokens / elapsed, 2)}
+    print(decode_bound, flush=True)
+    del llm
+
     prefix = random_prompts(1, args.prefix_len, args.prefix_len, args.seed + 1)[0]
     suffixes = random_prompts(args.repeats + 1, 16, 16, args.seed + 2)
     cold_llm = LLM(args.model, enable_prefix_caching=False, quantization=args.quantization)
@@ -87,7 +99,7 @@ def main() -> None:
 
     result = {"model": args.model, "quantization": args.quantization, "num_requests": args.num_requests, "prompt_len": args.prompt_len,
               "output_len": args.output_len, "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads", "torch": torch.__version__, "throughput": runs, "ttft": ttft}
+              f"{torch.get_num_threads()} threads", "torch": torch.__version__, "throughput": runs, "decode_bound": decode_bound, "ttft": ttft}
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).stem if Path(args.model).exists() else args.model
     stem = f"throughput-{name}" + ("" if args.quantization == "auto" else f"-{args.quantization}")
@@ -97,6 +109,8 @@ def main() -> None:
              "| concurrency | seconds | output tok/s | × concurrency {} |".format(args.concurrency[0]),
              "|---:|---:|---:|---:|"]
     lines += [f"| {r['concurrency']} | {r['seconds']} | {r['output_tok_s']} | {r['ratio_vs_first']} |" for r in runs]
+    lines += ["", f"Decode-bound: {decode_bound['concurrency']} concurrent requests with 16-token prompts and "
+              f"{args.output_len} output tokens each: {decode_bound['output_tok_s']} output tok/s."]
     lines += ["", f"Time to first token with a {args.prefix_len}-token prefix (median of {args.repeats}): "
               f"cold {ttft['cold_s']} s, cached {ttft['cached_s']} s ({ttft['cached_over_cold']:.0%} of cold)."]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..layers.attention import AttentionMetadata, KVCache, paged_attention
@@ -93,7 +94,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if gate_up.dtype == torch.bfloat16 and gate_up.is_cpu and gate_up.shape[-1] % 32 == 0 and native.available():
+                return self.down_proj(native.silu_mul(gate_up))  # one call instead of three ops
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

@@ -3,7 +3,7 @@
 - gguf_matmul.cpp: products with GGUF-quantized matrices at the file's size (int8 activations,
   AVX-512 VNNI), and their exact dequantization;
 - attention.cpp: decode attention read in place through the paged KV cache's block tables;
-- layers.cpp: RMSNorm as one call.
+- layers.cpp: RMSNorm, the rotary embedding and silu(gate) * up as one call each.
 
 They need an x86-64 CPU with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD
 since Zen 4), a C++ compiler and `ninja`. The build takes ~15 s once and is cached by PyTorch
@@ -86,3 +86,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / rms(x)) over the last dimension (contiguous x, last dimension a multiple of 16)."""
     return torch.ops.sugam_cpu.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * inter] -> silu(first half) * second half."""
+    return torch.ops.sugam_cpu.silu_mul(gate_up)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, dim] rotated in the split-halves layout; cos, sin [tokens, dim]."""
+    return torch.ops.sugam_cpu.rotary(x, cos, sin)
