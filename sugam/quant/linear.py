@@ -161,7 +161,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_format == "packed":
             flat = x.reshape(-1, self.in_features)
-            out = _packed_matmul(flat, self.quantized_weight, self.bias)
+            if flat.shape[0] <= PACKED_KERNEL_MAX_ROWS:  # decode: straight to the kernel (~100 calls a token)
+                out = native.gguf_matmul(flat, self.packed, self.qtype, self.in_features, self.bias)
+            else:
+                out = _packed_matmul(flat, self.quantized_weight, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu:
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,
