@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
+import sysconfig
 from functools import cache
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def available() -> bool:
     """True when the kernels are built and loaded (building them on the first call)."""
     if not cpu_supported():
         return False
+    if shutil.which("ninja") is None:  # the `ninja` wheel's binary sits beside this Python's scripts
+        os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
