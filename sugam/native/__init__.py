@@ -14,6 +14,7 @@ SUGAM_NATIVE_KERNELS=0 turns them off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 # GGML types the GGUF kernels read (name -> GGML type id).
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
-_SOURCES = [Path(__file__).with_name(name) for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp")]
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp")]
 
 
 def cpu_supported() -> bool:
@@ -57,8 +59,11 @@ def available() -> bool:
         from torch.utils.cpp_extension import load
 
         log.info("building sugam's CPU kernels (once, ~15 s)")
+        # PyTorch rebuilds when the listed sources or the flags change; the digest brings the shared
+        # header into that check.
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*")))).hexdigest()[:16]
         load(name="sugam_cpu", sources=[str(s) for s in _SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+             extra_cflags=[f"-DSUGAM_SOURCES_{digest}", "-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                            "-mavx512bf16", "-mf16c", "-mfma"],
              extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, ...: PyTorch's kernels still work

@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,14 +21,8 @@
 
 namespace {
 
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const c10::BFloat16* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-}
-inline __m512 load16(const int8_t* x) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)))); }
-
-inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
-inline void store16(c10::BFloat16* y, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v)); }
+using sugam::load16;
+using sugam::store16;
 
 // Q: query type (fp32/bf16), C: cache element type (fp32/bf16/int8 with per-vector scales).
 template <typename Q, typename C>

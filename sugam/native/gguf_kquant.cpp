@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -24,19 +26,10 @@ namespace {
 #define SUGAM_INLINE inline __attribute__((always_inline))
 constexpr int64_t Q5_K = 13;
 
-SUGAM_INLINE float fp16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-SUGAM_INLINE __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-SUGAM_INLINE __m512 load16(const c10::BFloat16* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-}
-inline void prefetch_row(const uint8_t* row, int64_t row_bytes) {
-  for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
-}
-inline int64_t prefetch_distance(int64_t row_bytes) { return std::max<int64_t>(1, 8192 / row_bytes); }
+using sugam::load16;
+using sugam::prefetch_distance;
+using sugam::prefetch_row;
+inline float fp16(const uint8_t* p) { return sugam::fp16_at(p); }
 
 // Activation row -> int8 codes with one scale per 256 values, and the code sum of each 32.
 template <typename T>

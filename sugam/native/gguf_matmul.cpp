@@ -29,6 +29,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
@@ -64,11 +66,7 @@ Layout layout_of(int64_t qtype, int64_t k) {
 
 int64_t block_values(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K ? 256 : 64; }
 
-inline float fp16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
+inline float fp16(const uint8_t* p) { return sugam::fp16_at(p); }
 
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
@@ -184,10 +182,7 @@ void lane_scales(const float* scale16, int64_t k, float* lanes) {
     _mm512_storeu_ps(lanes + 16 * c, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(scale16 + 4 * c))));
 }
 
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const c10::BFloat16* x) {  // bf16 -> fp32 is a 16-bit shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-}
+using sugam::load16;
 
 // Activation row -> int8 codes, the scale of each lane (each 32-block's scale on its 8 lanes)
 // and, per 16 values, scale * sum of codes (for the offset term).
@@ -279,14 +274,8 @@ void check_packed(const at::Tensor& packed, int64_t qtype, int64_t cols) {
               "sugam gguf kernels: ", packed.size(1), " bytes a row do not hold ", cols, " values of GGML type ", qtype);
 }
 
-// Ask for the row `ahead` rows on while this one computes: decode alternates between streaming the
-// weights and computing, and the hardware prefetcher alone leaves the two serialized (measured:
-// in-model kernel time = compute time + transfer time without it).
-inline void prefetch_row(const uint8_t* row, int64_t row_bytes) {
-  for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
-}
-
-inline int64_t prefetch_distance(int64_t row_bytes) { return std::max<int64_t>(1, 8192 / row_bytes); }
+using sugam::prefetch_distance;
+using sugam::prefetch_row;
 
 // Per-thread work space for decoded rows.
 struct RowBuffers {

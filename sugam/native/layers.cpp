@@ -8,23 +8,16 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const c10::BFloat16* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-}
-inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
-inline void store16(c10::BFloat16* y, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v)); }
-// Round to the storage type and back, so that a product is taken of the rounded value, as PyTorch
-// does when it multiplies two bf16 tensors.
-inline __m512 rounded(__m512 v, const float*) { return v; }
-inline __m512 rounded(__m512 v, const c10::BFloat16*) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
+using sugam::load16;
+using sugam::rounded;
+using sugam::store16;
 
 // y = weight * to_dtype(x * rsqrt(mean(x^2) + eps)), x in fp32 (what layers/rmsnorm.py computes).
 template <typename T, typename W>
