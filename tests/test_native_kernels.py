@@ -90,14 +90,15 @@ def test_matmul_equals_its_int8_activation_math(qtype, rows):
     assert torch.allclose(got_bf16.double(), expected_bf16, rtol=1e-2, atol=1e-2 * expected_bf16.abs().max().item())
 
 
-def test_each_row_gets_the_same_result_whatever_the_batch():
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K"])
+def test_each_row_gets_the_same_result_whatever_the_batch(qtype):
     cols = 256
-    raw = random_blocks("Q4_K", 64, cols)
-    packed = torch.from_numpy(pack_rows(raw, "Q4_K", cols))
+    raw = random_blocks(qtype, 64, cols)
+    packed = torch.from_numpy(pack_rows(raw, qtype, cols))
     x = torch.randn(6, cols).bfloat16()
-    batch = native.gguf_matmul(x, packed, "Q4_K", cols)
+    batch = native.gguf_matmul(x, packed, qtype, cols)
     for i in range(6):
-        assert torch.equal(native.gguf_matmul(x[i:i + 1], packed, "Q4_K", cols)[0], batch[i])
+        assert torch.equal(native.gguf_matmul(x[i:i + 1], packed, qtype, cols)[0], batch[i])
 
 
 def test_many_rows_dequantize_and_use_the_gemm():

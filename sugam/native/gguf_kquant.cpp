@@ -119,17 +119,10 @@ void k4_matmul(const T* x, const uint8_t* w_p, int64_t qtype, int64_t rows, int6
 
 }  // namespace
 
-at::Tensor k4_gguf_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, int64_t cols,
-                                                    const c10::optional<at::Tensor>& bias, at::ScalarType out_type) {
-  const int64_t rows = x.size(0), n_out = packed.size(0), row_bytes = packed.size(1);
-  at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  TORCH_CHECK(!bias.has_value() || bias_f.numel() == n_out, "sugam gguf matmul: bias must have ", n_out, " values");
-  at::Tensor out = at::empty({rows, n_out}, x.options());
-  const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+void k4_gguf_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const float* bias, at::Tensor& out) {
+  const int64_t rows = x.size(0), cols = x.size(1), n_out = packed.size(0), row_bytes = packed.size(1);
   if (x.scalar_type() == at::kBFloat16)
-    k4_matmul(x.data_ptr<c10::BFloat16>(), packed.data_ptr<uint8_t>(), qtype, rows, cols, n_out, row_bytes, bias_p, nullptr, out.data_ptr<c10::BFloat16>());
+    k4_matmul(x.data_ptr<c10::BFloat16>(), packed.data_ptr<uint8_t>(), qtype, rows, cols, n_out, row_bytes, bias, nullptr, out.data_ptr<c10::BFloat16>());
   else
-    k4_matmul(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), qtype, rows, cols, n_out, row_bytes, bias_p, out.data_ptr<float>(), nullptr);
-  return out_type == out.scalar_type() ? out : out.to(out_type);
+    k4_matmul(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), qtype, rows, cols, n_out, row_bytes, bias, out.data_ptr<float>(), nullptr);
 }
-

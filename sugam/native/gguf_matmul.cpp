@@ -31,14 +31,14 @@
 
 #include "simd.h"
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
-// Q4_K / Q5_K products (gguf_kquant.cpp; a translation unit of its own, see there).
-at::Tensor k4_gguf_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, int64_t cols,
-                          const c10::optional<at::Tensor>& bias, at::ScalarType out_type);
+// Q4_K / Q5_K products into out [rows, n_out] of x's dtype (gguf_kquant.cpp; a translation unit of
+// its own, see there). x is contiguous fp32 or bf16; bias (fp32) may be null.
+void k4_gguf_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const float* bias, at::Tensor& out);
 
 namespace {
 
@@ -175,13 +175,6 @@ const uint8_t* decode_row(const uint8_t* row, int64_t qtype, int64_t k, uint8_t*
   return codes;
 }
 
-// Scale of each vpdpbusd lane (lane l of a 64-value chunk sums values 4l..4l+3: group l / 4).
-void lane_scales(const float* scale16, int64_t k, float* lanes) {
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (int64_t c = 0; c < k / 64; ++c)
-    _mm512_storeu_ps(lanes + 16 * c, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(scale16 + 4 * c))));
-}
-
 using sugam::load16;
 
 // Activation row -> int8 codes, the scale of each lane (each 32-block's scale on its 8 lanes)
@@ -203,32 +196,10 @@ void quantize_row(const T* x, int64_t k, int8_t* q, float* lane_scale, float* sc
   }
 }
 
-// One decoded weight row . one quantized activation row.
-inline float row_dot(const uint8_t* codes, const float* w_lanes, const float* offset16,
-                     const int8_t* qa, const float* a_lanes, const float* a_sum16, int64_t k) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  const int64_t chunks = k / 64;
-  int64_t c = 0;
-  for (; c + 1 < chunks; c += 2) {  // two chains: the fma latency is 4 cycles
-    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + 64 * c), _mm512_loadu_si512(qa + 64 * c));
-    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + 64 * c + 64), _mm512_loadu_si512(qa + 64 * c + 64));
-    acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0), _mm512_loadu_ps(a_lanes + 16 * c)), _mm512_loadu_ps(w_lanes + 16 * c), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_loadu_ps(a_lanes + 16 * c + 16)), _mm512_loadu_ps(w_lanes + 16 * c + 16), acc1);
-  }
-  if (c < chunks) {
-    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + 64 * c), _mm512_loadu_si512(qa + 64 * c));
-    acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0), _mm512_loadu_ps(a_lanes + 16 * c)), _mm512_loadu_ps(w_lanes + 16 * c), acc0);
-  }
-  const int64_t groups = k / 16;
-  for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 m = first_n(groups - g);
-    acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, offset16 + g), _mm512_maskz_loadu_ps(m, a_sum16 + g), acc1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
-// One packed weight row . one quantized activation row, decoding the codes in registers (the
-// decode path: no decoded row is written or read back). scale16/offset16 come from decode_scales.
+// One weight row . one quantized activation row. Decode passes the packed row and its codes are
+// decoded in registers (nothing written or read back); batches pass a row decode_row decoded once
+// (8-bit codes, PLANES = -1) and reuse it for every activation row, with the same arithmetic.
+// scale16/offset16 come from decode_scales.
 template <int PLANES>
 float packed_row_dot(const uint8_t* row, const uint8_t* high, const float* scale16, const float* offset16,
                      const int8_t* qa, const float* a_lanes, const float* a_sum16, int64_t k) {
@@ -280,8 +251,8 @@ using sugam::prefetch_row;
 // Per-thread work space for decoded rows.
 struct RowBuffers {
   std::vector<uint8_t> codes;
-  std::vector<float> scale, offset, lanes;
-  explicit RowBuffers(int64_t k) : codes(k), scale(k / 16 + 32), offset(k / 16 + 32), lanes(k / 4) {}
+  std::vector<float> scale, offset;
+  explicit RowBuffers(int64_t k) : codes(k), scale(k / 16 + 32), offset(k / 16 + 32) {}
 };
 
 // x [rows, cols] (fp32 or bf16) @ W^T + bias -> [rows, out] in x's dtype. bf16 is read and written
@@ -293,7 +264,17 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
   const at::Tensor x = bf16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
   const int64_t rows = x.size(0), n_out = packed.size(0), row_bytes = packed.size(1);
-  if (qtype == Q4_K || qtype == Q5_K) return k4_gguf_matmul(x, packed, qtype, cols, bias, x_in.scalar_type());
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n_out, "sugam gguf matmul: bias must have ", n_out, " values");
+    bias_f = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
+  }
+  const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({rows, n_out}, x.options());
+  if (qtype == Q4_K || qtype == Q5_K) {
+    k4_gguf_matmul(x, packed, qtype, bias_p, out);
+    return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
+  }
   at::Tensor qa = at::empty({rows, cols}, x.options().dtype(at::kChar));
   at::Tensor a_lanes = at::empty({rows, cols / 4}, x.options().dtype(at::kFloat));
   at::Tensor a_sum16 = at::empty({rows, cols / 16}, x.options().dtype(at::kFloat));
@@ -306,13 +287,6 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
     else
       quantize_row(x.data_ptr<float>() + r * cols, cols, qa_p + r * cols, al_p + r * (cols / 4), as_p + r * (cols / 16));
   }
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == n_out, "sugam gguf matmul: bias must have ", n_out, " values");
-    bias_f = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
-  }
-  const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty({rows, n_out}, x.options());
   float* out_f = bf16 ? nullptr : out.data_ptr<float>();
   c10::BFloat16* out_b = bf16 ? out.data_ptr<c10::BFloat16>() : nullptr;
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
@@ -329,10 +303,9 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
         continue;
       }
       const uint8_t* codes = decode_row(w_p + n * row_bytes, qtype, cols, buf.codes.data(), buf.scale.data(), buf.offset.data());
-      lane_scales(buf.scale.data(), cols, buf.lanes.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const float y = b + row_dot(codes, buf.lanes.data(), buf.offset.data(), qa_p + r * cols,
-                                    al_p + r * (cols / 4), as_p + r * (cols / 16), cols);
+        const float y = b + packed_row_dot<-1>(codes, nullptr, buf.scale.data(), buf.offset.data(), qa_p + r * cols,
+                                               al_p + r * (cols / 4), as_p + r * (cols / 16), cols);
         if (bf16)
           out_b[r * n_out + n] = c10::BFloat16(y);  // round to nearest even, as .to(bfloat16)
         else
@@ -364,9 +337,9 @@ void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::
         // the product is exact, so the fused multiply-add rounds once, as the reference does
         __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(buf.scale[g]), _mm512_set1_ps(buf.offset[g]));
         if (bf16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * g), (__m256i)_mm512_cvtneps_pbh(v));
+          sugam::store16(reinterpret_cast<c10::BFloat16*>(dst) + 16 * g, v);
         else
-          _mm512_storeu_ps(reinterpret_cast<float*>(dst) + 16 * g, v);
+          sugam::store16(reinterpret_cast<float*>(dst) + 16 * g, v);
       }
     }
   });
