@@ -12,9 +12,9 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import native
-from torch import nn
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None,

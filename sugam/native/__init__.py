@@ -24,11 +24,12 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType
 
 log = logging.getLogger(__name__)
 
-# GGML types the GGUF kernels read (name -> GGML type id).
-GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# GGML type name -> id (the kernels read the types in sugam/quant/gguf_pack.py and refuse others)
+_GGML_IDS = {t.name: t.value for t in GGMLQuantizationType}
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp")]
@@ -75,12 +76,12 @@ def available() -> bool:
 def gguf_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, cols] @ W^T (+ bias) -> [rows, out] in x's dtype, W in sugam's packed GGUF layout."""
-    return torch.ops.sugam_cpu.gguf_matmul(x, packed, GGUF_TYPES[qtype], cols, bias)
+    return torch.ops.sugam_cpu.gguf_matmul(x, packed, _GGML_IDS[qtype], cols, bias)
 
 
 def gguf_dequantize(packed: torch.Tensor, qtype: str, cols: int, out: torch.Tensor) -> torch.Tensor:
     """Write W [out, cols] (fp32 or bf16) into `out`; the values equal the GGUF reference's."""
-    torch.ops.sugam_cpu.gguf_dequantize(packed, GGUF_TYPES[qtype], cols, out)
+    torch.ops.sugam_cpu.gguf_dequantize(packed, _GGML_IDS[qtype], cols, out)
     return out
 
 

@@ -1,4 +1,4 @@
-"""GGUF blocks -> the row layout sugam's CPU kernels read (gguf_cpu.cpp describes it).
+"""GGUF blocks -> the row layout sugam's CPU kernels read (sugam/native/gguf_matmul.cpp describes it).
 
 Only the arrangement changes: the codes and the scales are the file's own bits, so every value
 dequantizes exactly as the GGUF reference computes it, and a row takes the file's bytes (Q4_K/Q5_K

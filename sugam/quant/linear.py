@@ -94,18 +94,20 @@ def _kernel_matmul(xb: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     return torch._weight_int4pack_mm_for_cpu(xb, weight.packed, weight.group, weight.scales_zeros)
 
 
-def _packed_matmul(x: torch.Tensor, weight: PackedGGUFWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] -> [rows, out] in x's dtype: the kernel for few rows, else dequantize + bf16 GEMM,
-    in row chunks of the weight (a vocabulary-sized head never needs a full bf16 copy)."""
+def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] -> [rows, out] in x's dtype for a packed GGUF matrix: the kernel for few rows, else
+    dequantize + bf16 GEMM, in row chunks of the weight (a vocabulary-sized head never needs a full
+    bf16 copy). Takes the weight's parts, not a PackedGGUFWeight: decode calls it ~100 times a token."""
     if x.shape[0] <= PACKED_KERNEL_MAX_ROWS:
-        return native.gguf_matmul(x, weight.packed, weight.qtype, weight.cols, bias)
-    n, k = weight.shape
+        return native.gguf_matmul(x, packed, qtype, cols, bias)
+    n = packed.shape[0]
     xb = x.to(torch.bfloat16)
     out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    step = max(1, DEQUANT_CHUNK_VALUES // k)
+    step = max(1, DEQUANT_CHUNK_VALUES // cols)
     for start in range(0, n, step):
-        rows = weight.packed[start:start + step]
-        w = native.gguf_dequantize(rows, weight.qtype, k, _dequant_buffer.get(rows.shape[0] * k, x.device).view(-1, k))
+        rows = packed[start:start + step]
+        w = native.gguf_dequantize(rows, qtype, cols, _dequant_buffer.get(rows.shape[0] * cols, x.device).view(-1, cols))
         torch.matmul(xb, w.t(), out=out[:, start:start + rows.shape[0]])
     if bias is not None:
         out += bias
@@ -115,7 +117,7 @@ def _packed_matmul(x: torch.Tensor, weight: PackedGGUFWeight, bias: torch.Tensor
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [rows, in] -> [rows, out] in x's dtype (computed in bf16, or int8 x GGUF codes)."""
     if isinstance(weight, PackedGGUFWeight):
-        return _packed_matmul(x, weight)
+        return _packed_matmul(x, weight.packed, weight.qtype, weight.cols)
     dtype = x.dtype
     xb = x.to(torch.bfloat16)
     if x.device.type != "cpu":
@@ -133,7 +135,7 @@ def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch.
     (A packed GGUF head dequantizes in row chunks instead, see _packed_matmul.)"""
     if isinstance(weight, PackedGGUFWeight):
-        return _packed_matmul(x, weight)
+        return _packed_matmul(x, weight.packed, weight.qtype, weight.cols)
     parts = [quantized_matmul(rows, weight) for rows in x.split(KERNEL_MAX_ROWS)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -160,11 +162,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_format == "packed":
-            flat = x.reshape(-1, self.in_features)
-            if flat.shape[0] <= PACKED_KERNEL_MAX_ROWS:  # decode: straight to the kernel (~100 calls a token)
-                out = native.gguf_matmul(flat, self.packed, self.qtype, self.in_features, self.bias)
-            else:
-                out = _packed_matmul(flat, self.quantized_weight, self.bias)
+            out = _packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu:
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,

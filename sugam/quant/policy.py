@@ -2,7 +2,7 @@
 
 Modes (the `--quantization` flag):
 - "none":  every weight dense in the model dtype (the exact fp32 reference path).
-- "gguf":  keep a GGUF file's own precision. Where sugam's own CPU kernels run (quant/native), the
+- "gguf":  keep a GGUF file's own precision. Where sugam's own CPU kernels run (sugam/native), the
            file's blocks are kept as they are, rearranged ("packed"); elsewhere 4-bit types
            (Q4_0/Q4_1/Q4_K) -> int4 with the same codes, other quantized types (Q5_x, Q6_K, Q8_0)
            -> int8. Float tensors stay dense.
@@ -38,7 +38,7 @@ def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def weight_chooser(mode: str, tied_embeddings: bool = False, packed_kernels: bool = False) -> WeightChooser | None:
-    """packed_kernels: sugam's CPU kernels run here (quant.native.available()), so "gguf" keeps the
+    """packed_kernels: sugam's CPU kernels run here (sugam.native.available()), so "gguf" keeps the
     file's blocks for the matrices they read."""
     if mode == "none":
         return None
