@@ -50,7 +50,10 @@ class _DequantBuffer:
     def get(self, numel: int, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(device)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=torch.bfloat16, device=device)
+            # A normal tensor even when first asked for under inference_mode: an inference tensor
+            # could not be written by a later call made outside it.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=torch.bfloat16, device=device)
             self._buffers[device] = buf
         return buf[:numel]
 
