@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -75,6 +76,10 @@ void attend(const Q* q, const C* k_cache, const C* v_cache, const float* k_scale
   });
 }
 
+}  // namespace
+
+namespace sugam {
+
 // q [n, heads, dim]; caches [blocks, block_size, kv_heads, dim]; scales [blocks, block_size, kv_heads]
 // (int8 caches only); block_tables [n, max_blocks] int64; context_lens [n] int64 (each >= 1).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -117,11 +122,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-}  // namespace
+}  // namespace sugam
 
 TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scales, Tensor? v_scales, "
         "Tensor block_tables, Tensor context_lens, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) { m.impl("decode_attention", &sugam::decode_attention); }

@@ -52,7 +52,8 @@ void quantize_row_256(const T* x, int64_t k, int8_t* q, float* scale256, int32_t
 }
 
 template <bool FIVE>
-SUGAM_INLINE float k4_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, const float* a_scale256, const int32_t* a_sum32) {
+SUGAM_INLINE float k4_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, const float* a_scale256, const int32_t* a_sum32,
+                              sugam::SpreadPrefetch& prefetch) {
   const int64_t supers = k / 256;
   const uint8_t* high = row + k / 2;
   const uint8_t* s = high + (FIVE ? k / 8 : 0);
@@ -63,6 +64,7 @@ SUGAM_INLINE float k4_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
   __m256 acc = _mm256_setzero_ps();
   float offset = 0.0f;
   for (int64_t b = 0; b < supers; ++b) {
+    prefetch.step();
     __m256i isum = _mm256_setzero_si256();
     for (int64_t j = 0; j < 4; ++j) {  // chunk c: sub-block 2j in the low nibbles, 2j+1 in the high
       const int64_t c = 4 * b + j;
@@ -103,14 +105,17 @@ void k4_matmul(const T* x, const uint8_t* w_p, int64_t qtype, int64_t rows, int6
     const int64_t ahead = prefetch_distance(row_bytes);
     for (int64_t n = n0; n < n0 + ahead && n < n1; ++n) prefetch_row(w_p + n * row_bytes, row_bytes);
     for (int64_t n = n0; n < n1; ++n) {
-      if (n + ahead < n1) prefetch_row(w_p + (n + ahead) * row_bytes, row_bytes);
+      // row n + ahead arrives while row n computes (with the first activation row)
+      sugam::SpreadPrefetch prefetch(w_p + (n + ahead) * row_bytes, n + ahead < n1 ? row_bytes : 0, cols / 256);
+      sugam::SpreadPrefetch none(w_p, 0, 1);
       const float b = bias_p ? bias_p[n] : 0.0f;
       for (int64_t r = 0; r < rows; ++r) {  // the same arithmetic for each row, whatever the batch
         const int8_t* q = qa.data() + r * cols;
         const float* sc = scale256.data() + r * (cols / 256);
         const int32_t* sm = sum32.data() + r * (cols / 32);
-        const float y = b + (five ? k4_row_dot<true>(w_p + n * row_bytes, cols, q, sc, sm)
-                                  : k4_row_dot<false>(w_p + n * row_bytes, cols, q, sc, sm));
+        sugam::SpreadPrefetch& pf = r == 0 ? prefetch : none;
+        const float y = b + (five ? k4_row_dot<true>(w_p + n * row_bytes, cols, q, sc, sm, pf)
+                                  : k4_row_dot<false>(w_p + n * row_bytes, cols, q, sc, sm, pf));
         if (out_b) out_b[r * n_out + n] = c10::BFloat16(y); else out_f[r * n_out + n] = y;
       }
     }

@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -202,7 +203,8 @@ void quantize_row(const T* x, int64_t k, int8_t* q, float* lane_scale, float* sc
 // scale16/offset16 come from decode_scales.
 template <int PLANES>
 float packed_row_dot(const uint8_t* row, const uint8_t* high, const float* scale16, const float* offset16,
-                     const int8_t* qa, const float* a_lanes, const float* a_sum16, int64_t k) {
+                     const int8_t* qa, const float* a_lanes, const float* a_sum16, int64_t k,
+                     sugam::SpreadPrefetch& prefetch) {
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const int64_t chunks = k / 64;
@@ -213,6 +215,7 @@ float packed_row_dot(const uint8_t* row, const uint8_t* high, const float* scale
   };
   int64_t c = 0;
   for (; c + 1 < chunks; c += 2) {  // two chains: the fma latency is 4 cycles
+    prefetch.step();
     acc0 = step(c, acc0);
     acc1 = step(c + 1, acc1);
   }
@@ -226,15 +229,15 @@ float packed_row_dot(const uint8_t* row, const uint8_t* high, const float* scale
 }
 
 float packed_row_dot(const uint8_t* row, int64_t qtype, int64_t k, float* scale16, float* offset16,
-                     const int8_t* qa, const float* a_lanes, const float* a_sum16) {
+                     const int8_t* qa, const float* a_lanes, const float* a_sum16, sugam::SpreadPrefetch& prefetch) {
   const Layout L = layout_of(qtype, k);
   decode_scales(row + L.code_bytes + L.high_bytes, qtype, k, scale16, offset16);
   const uint8_t* high = row + L.code_bytes;
   switch (planes_of(qtype)) {
-    case -1: return packed_row_dot<-1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k);
-    case 0: return packed_row_dot<0>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k);
-    case 1: return packed_row_dot<1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k);
-    default: return packed_row_dot<2>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k);
+    case -1: return packed_row_dot<-1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
+    case 0: return packed_row_dot<0>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
+    case 1: return packed_row_dot<1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
+    default: return packed_row_dot<2>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
   }
 }
 
@@ -254,6 +257,10 @@ struct RowBuffers {
   std::vector<float> scale, offset;
   explicit RowBuffers(int64_t k) : codes(k), scale(k / 16 + 32), offset(k / 16 + 32) {}
 };
+
+}  // namespace
+
+namespace sugam {
 
 // x [rows, cols] (fp32 or bf16) @ W^T + bias -> [rows, out] in x's dtype. bf16 is read and written
 // in place (no conversion ops around the call: a decode step makes ~100 of these calls).
@@ -294,18 +301,20 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
     RowBuffers buf(cols);
     const int64_t ahead = prefetch_distance(row_bytes);
     for (int64_t n = n0; n < n0 + ahead && n < n1; ++n) prefetch_row(w_p + n * row_bytes, row_bytes);
+    sugam::SpreadPrefetch none(w_p, 0, 1);
     for (int64_t n = n0; n < n1; ++n) {
-      if (n + ahead < n1) prefetch_row(w_p + (n + ahead) * row_bytes, row_bytes);
       const float b = bias_p ? bias_p[n] : 0.0f;
-      if (rows == 1) {  // decode: one pass over the row, codes decoded in registers
-        const float y = b + packed_row_dot(w_p + n * row_bytes, qtype, cols, buf.scale.data(), buf.offset.data(), qa_p, al_p, as_p);
+      if (rows == 1) {  // decode: one pass over the row, codes decoded in registers; row n + ahead arrives meanwhile
+        sugam::SpreadPrefetch prefetch(w_p + (n + ahead) * row_bytes, n + ahead < n1 ? row_bytes : 0, cols / 128);
+        const float y = b + packed_row_dot(w_p + n * row_bytes, qtype, cols, buf.scale.data(), buf.offset.data(), qa_p, al_p, as_p, prefetch);
         if (bf16) out_b[n] = c10::BFloat16(y); else out_f[n] = y;
         continue;
       }
+      if (n + ahead < n1) prefetch_row(w_p + (n + ahead) * row_bytes, row_bytes);
       const uint8_t* codes = decode_row(w_p + n * row_bytes, qtype, cols, buf.codes.data(), buf.scale.data(), buf.offset.data());
       for (int64_t r = 0; r < rows; ++r) {
         const float y = b + packed_row_dot<-1>(codes, nullptr, buf.scale.data(), buf.offset.data(), qa_p + r * cols,
-                                               al_p + r * (cols / 4), as_p + r * (cols / 16), cols);
+                                               al_p + r * (cols / 4), as_p + r * (cols / 16), cols, none);
         if (bf16)
           out_b[r * n_out + n] = c10::BFloat16(y);  // round to nearest even, as .to(bfloat16)
         else
@@ -315,6 +324,10 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   });
   return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
 }
+
+}  // namespace sugam
+
+namespace {
 
 // out [rows, cols] (fp32 or bf16) = the weight's values, exactly as the GGUF reference computes them.
 void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::Tensor out) {
@@ -353,6 +366,6 @@ TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) {
-  m.impl("gguf_matmul", &gguf_matmul);
+  m.impl("gguf_matmul", &sugam::gguf_matmul);
   m.impl("gguf_dequantize", &gguf_dequantize);
 }

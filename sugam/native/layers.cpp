@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #include <cmath>
@@ -38,6 +39,10 @@ void rms_norm_rows(const T* x, const W* weight, T* y, int64_t rows, int64_t h, f
   });
 }
 
+}  // namespace
+
+namespace sugam {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t h = x.size(-1);
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == h && h % 16 == 0,
@@ -56,6 +61,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   else TORCH_CHECK(false, "sugam rms_norm: x dtype ", x.scalar_type());
   return y;
 }
+
+}  // namespace sugam
+
+namespace {
 
 // e^x for the silu: Cody-Waite range reduction and a degree-6 polynomial (relative error ~1e-7,
 // well inside bf16's rounding), saturating outside [-87, 88].
@@ -92,6 +101,10 @@ void silu_mul_rows(const T* x, T* y, int64_t rows, int64_t inter) {
   });
 }
 
+}  // namespace
+
+namespace sugam {
+
 at::Tensor silu_mul(const at::Tensor& x) {
   const int64_t inter = x.size(-1) / 2;
   TORCH_CHECK(x.is_contiguous() && x.size(-1) % 32 == 0, "sugam silu_mul: contiguous [..., 2 * inter], inter a multiple of 16");
@@ -104,6 +117,10 @@ at::Tensor silu_mul(const at::Tensor& x) {
   else TORCH_CHECK(false, "sugam silu_mul: dtype ", x.scalar_type());
   return y;
 }
+
+}  // namespace sugam
+
+namespace {
 
 // Rotary embedding in the split-halves layout: x [tokens, heads, dim], cos/sin [tokens, dim] (the
 // model dtype). out = x * cos + rotate_half(x) * sin, each product and the sum rounded as PyTorch's
@@ -129,6 +146,10 @@ void rotary_rows(const T* x, const T* cos, const T* sin, T* y, int64_t tokens, i
   });
 }
 
+}  // namespace
+
+namespace sugam {
+
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && x.size(2) % 32 == 0 &&
               cos.numel() == x.size(0) * x.size(2) && sin.numel() == cos.numel() && cos.scalar_type() == x.scalar_type() &&
@@ -142,7 +163,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return y;
 }
 
-}  // namespace
+}  // namespace sugam
+
 
 TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -151,7 +173,7 @@ TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("rotary", &rotary);
+  m.impl("rms_norm", &sugam::rms_norm);
+  m.impl("silu_mul", &sugam::silu_mul);
+  m.impl("rotary", &sugam::rotary);
 }
