@@ -32,7 +32,9 @@ def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, model, tokenizer, pre: str = "qwen2", chat_template: str | None = None,
-               quant: gguf.GGMLQuantizationType | None = None) -> None:
+               quant: gguf.GGMLQuantizationType | None = None,
+               types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+    """types: GGUF tensor-name part -> type for the matrices that differ from `quant` (e.g. {"attn_v": Q8_0})."""
     cfg = model.config
     arch = cfg.model_type
     w = gguf.GGUFWriter(str(path), arch)
@@ -70,8 +72,9 @@ def write_gguf(path: Path, model, tokenizer, pre: str = "qwen2", chat_template: 
             data = llama_permute(data, cfg.num_attention_heads)
         elif arch == "llama" and "self_attn.k_proj" in name:
             data = llama_permute(data, cfg.num_key_value_heads)
-        if quant is not None and data.ndim == 2 and data.shape[1] % 32 == 0:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, quant), raw_dtype=quant)
+        qtype = next((t for part, t in (types or {}).items() if part in gguf_name(name)), quant)
+        if qtype is not None and data.ndim == 2 and data.shape[1] % 32 == 0:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gguf_name(name), np.ascontiguousarray(data, dtype=np.float32))
     w.write_header_to_file()

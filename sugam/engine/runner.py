@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
+from ..models.native_decode import NativeDecoder
 from .. import native as native_kernels
 from ..quant.policy import resolve_mode, weight_chooser
 from .sequence import Sequence
@@ -44,6 +45,7 @@ class ModelRunner:
         model.load_weights(checkpoint.iter_weights(
             weight_chooser(self.quantization, self.config.tie_word_embeddings, packed_kernels)))
         model.fuse_projections()
+        model.native_decoder = NativeDecoder.build(model)
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))

@@ -136,13 +136,18 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg, self.rotary)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Set after loading where decode steps can run all layers in one native call (native_decode.py)
+        self.native_decoder = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
+        if self.native_decoder is not None and self.native_decoder.runs(x, meta):
+            x = self.native_decoder(x, cos, sin, kv_caches, meta)  # the same layers, from C++
+        else:
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x = layer(x, cos, sin, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 - gguf_matmul.cpp: products with GGUF-quantized matrices at the file's size (int8 activations,
   AVX-512 VNNI), and their exact dequantization;
 - attention.cpp: decode attention read in place through the paged KV cache's block tables;
-- layers.cpp: RMSNorm, the rotary embedding and silu(gate) * up as one call each.
+- layers.cpp: RMSNorm, the rotary embedding and silu(gate) * up as one call each;
+- decoder.cpp: all decoder layers of a decode step in one call (models/native_decode.py).
 
 They need an x86-64 CPU with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD
 since Zen 4), a C++ compiler and `ninja`. The build takes ~15 s once and is cached by PyTorch
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _GGML_IDS = {t.name: t.value for t in GGMLQuantizationType}
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp")]
+_SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp", "decoder.cpp")]
 
 
 def cpu_supported() -> bool:
@@ -73,6 +74,10 @@ def available() -> bool:
     return True
 
 
+def ggml_type_id(qtype: str) -> int:
+    return _GGML_IDS[qtype]
+
+
 def gguf_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, cols] @ W^T (+ bias) -> [rows, out] in x's dtype, W in sugam's packed GGUF layout."""
@@ -106,3 +111,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [tokens, heads, dim] rotated in the split-halves layout; cos, sin [tokens, dim]."""
     return torch.ops.sugam_cpu.rotary(x, cos, sin)
+
+
+def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, matrices: list, qtypes: list[int],
+                  biases: list, norms: list, k_caches: list, v_caches: list, k_scales: list, v_scales: list,
+                  slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, heads: int,
+                  kv_heads: int, intermediate: int, eps: float, scale: float) -> torch.Tensor:
+    """Every decoder layer for one new token per sequence (the lists as models/native_decode.py builds them)."""
+    return torch.ops.sugam_cpu.decode_layers(x, cos, sin, matrices, qtypes, biases, norms, k_caches, v_caches,
+                                             k_scales, v_scales, slots, block_tables, context_lens, heads,
+                                             kv_heads, intermediate, eps, scale)

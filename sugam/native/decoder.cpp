@@ -1,0 +1,123 @@
+// Every decoder layer of a decode step (one new token per sequence) in one call.
+//
+// Why: a layer is ~15 small operations around its four matrix products. Called one by one from
+// Python, their dispatch cost ~5 ms a token on Qwen2.5-1.5B (~15 % of the step), more than the
+// arithmetic they do. Here the same operations run from C++: sugam's kernels and the same ATen ops
+// the Python path uses, in the same order and dtypes, so the result is identical to
+// models/qwen2.py's layers (tests/test_native_kernels.py compares them bit for bit).
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+#include <vector>
+
+namespace {
+
+// A layer's matrices, in the order of the `matrices` / `qtypes` / `biases` lists; absent slots are
+// None (q, k and v may arrive as one fused matrix, q|k and v, or three; gate and up as one or two).
+enum Slot : int64_t { QKV0, QKV1, QKV2, O, GATE_UP0, GATE_UP1, DOWN, SLOTS };
+// A layer's norms, in the order of the `norms` list (q_norm / k_norm: Qwen3 only, else None).
+enum Norm : int64_t { INPUT, POST, Q_NORM, K_NORM, NORMS };
+
+struct Shapes {
+  int64_t heads, kv_heads, dim, hidden, intermediate;
+  double eps, scale;
+};
+
+// x [rows, cols] times the matrices of slots [first, last) that are present, outputs side by side.
+at::Tensor project(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& matrices, at::IntArrayRef qtypes,
+                   const c10::List<c10::optional<at::Tensor>>& biases, int64_t base, int64_t first, int64_t last, int64_t cols) {
+  std::vector<at::Tensor> parts;
+  for (int64_t s = first; s < last; ++s) {
+    const c10::optional<at::Tensor> m = matrices.get(base + s);
+    if (m.has_value()) parts.push_back(sugam::gguf_matmul(x, *m, qtypes[base + s], cols, biases.get(base + s)));
+  }
+  TORCH_CHECK(!parts.empty(), "sugam decode_layers: a layer lacks the matrices of slots ", first, "-", last - 1);
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+}
+
+// KVCache.write (layers/attention.py): the step's keys or values into their cache slots.
+void write_cache(const at::Tensor& cache, const c10::optional<at::Tensor>& scales, const at::Tensor& slots, const at::Tensor& x) {
+  const int64_t kv_heads = x.size(1), dim = x.size(2);
+  at::Tensor flat = cache.view({-1, kv_heads, dim});
+  if (!scales.has_value()) {
+    flat.index_copy_(0, slots, x.to(cache.scalar_type()));
+    return;
+  }
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor scale = xf.abs().amax(-1).clamp_(1e-12).div_(127);
+  flat.index_copy_(0, slots, at::round(xf / scale.unsqueeze(-1)).to(at::kChar));
+  scales->view({-1, kv_heads}).index_copy_(0, slots, scale);
+}
+
+at::Tensor layer(at::Tensor x, int64_t l, const at::Tensor& cos, const at::Tensor& sin,
+                 const c10::List<c10::optional<at::Tensor>>& matrices, at::IntArrayRef qtypes,
+                 const c10::List<c10::optional<at::Tensor>>& biases, const c10::List<c10::optional<at::Tensor>>& norms,
+                 const at::Tensor& k_cache, const at::Tensor& v_cache, const c10::optional<at::Tensor>& k_scales,
+                 const c10::optional<at::Tensor>& v_scales, const at::Tensor& slots, const at::Tensor& block_tables,
+                 const at::Tensor& context_lens, const Shapes& s) {
+  const int64_t tokens = x.size(0), base = l * SLOTS;
+  auto norm = [&](int64_t which) {
+    const c10::optional<at::Tensor> w = norms.get(l * NORMS + which);
+    TORCH_CHECK(w.has_value(), "sugam decode_layers: layer ", l, " lacks norm ", which);
+    return *w;
+  };
+  // attention (models/qwen2.py Attention.forward)
+  const at::Tensor qkv = project(sugam::rms_norm(x, norm(INPUT), s.eps), matrices, qtypes, biases, base, QKV0, QKV2 + 1, s.hidden);
+  TORCH_CHECK(qkv.size(1) == (s.heads + 2 * s.kv_heads) * s.dim, "sugam decode_layers: q/k/v outputs do not match the heads");
+  at::Tensor qk = qkv.narrow(1, 0, (s.heads + s.kv_heads) * s.dim).view({tokens, s.heads + s.kv_heads, s.dim});
+  const at::Tensor v = qkv.narrow(1, (s.heads + s.kv_heads) * s.dim, s.kv_heads * s.dim).view({tokens, s.kv_heads, s.dim});
+  if (norms.get(l * NORMS + Q_NORM).has_value()) {
+    qk = at::cat({sugam::rms_norm(qk.narrow(1, 0, s.heads).contiguous(), norm(Q_NORM), s.eps),
+                  sugam::rms_norm(qk.narrow(1, s.heads, s.kv_heads).contiguous(), norm(K_NORM), s.eps)}, 1);
+  }
+  const at::Tensor rotated = sugam::rotary(qk.contiguous(), cos, sin);
+  write_cache(k_cache, k_scales, slots, rotated.narrow(1, s.heads, s.kv_heads));
+  write_cache(v_cache, v_scales, slots, v);
+  const at::Tensor attended = sugam::decode_attention(rotated.narrow(1, 0, s.heads).contiguous(), k_cache, v_cache, k_scales,
+                                                      v_scales, block_tables, context_lens, s.scale);
+  x = x + project(attended.reshape({tokens, -1}), matrices, qtypes, biases, base, O, O + 1, s.heads * s.dim);
+  // MLP
+  const at::Tensor gate_up = project(sugam::rms_norm(x, norm(POST), s.eps), matrices, qtypes, biases, base, GATE_UP0, GATE_UP1 + 1, s.hidden);
+  return x + project(sugam::silu_mul(gate_up), matrices, qtypes, biases, base, DOWN, DOWN + 1, s.intermediate);
+}
+
+}  // namespace
+
+// x [tokens, hidden] bf16, the embeddings of one new token per sequence -> the last layer's output.
+// cos/sin [tokens, dim]; per layer SLOTS matrices (+ their GGML types and biases) and NORMS norm
+// weights; per layer one key and one value cache (+ scales when int8); slots, block tables and
+// context lengths as AttentionMetadata holds them for sugam's decode attention.
+at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                         const c10::List<c10::optional<at::Tensor>>& matrices, at::IntArrayRef qtypes,
+                         const c10::List<c10::optional<at::Tensor>>& biases, const c10::List<c10::optional<at::Tensor>>& norms,
+                         at::TensorList k_caches, at::TensorList v_caches, const c10::List<c10::optional<at::Tensor>>& k_scales,
+                         const c10::List<c10::optional<at::Tensor>>& v_scales, const at::Tensor& slots,
+                         const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t heads, int64_t kv_heads,
+                         int64_t intermediate, double eps, double scale) {
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.is_contiguous(), "sugam decode_layers: x must be contiguous bf16 [tokens, hidden]");
+  TORCH_CHECK(static_cast<int64_t>(matrices.size()) == layers * SLOTS && static_cast<int64_t>(qtypes.size()) == layers * SLOTS &&
+              static_cast<int64_t>(biases.size()) == layers * SLOTS && static_cast<int64_t>(norms.size()) == layers * NORMS &&
+              static_cast<int64_t>(v_caches.size()) == layers && static_cast<int64_t>(k_scales.size()) == layers &&
+              static_cast<int64_t>(v_scales.size()) == layers,
+              "sugam decode_layers: per layer ", SLOTS, " matrices, types and biases, ", NORMS, " norms and one cache of each kind");
+  TORCH_CHECK(layers > 0 && heads > 0 && kv_heads > 0 && k_caches[0].dim() == 4, "sugam decode_layers: bad head counts or caches");
+  const Shapes s{heads, kv_heads, k_caches[0].size(3), x_in.size(1), intermediate, eps, scale};
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l)
+    x = layer(x, l, cos, sin, matrices, qtypes, biases, norms, k_caches[l], v_caches[l], k_scales.get(l), v_scales.get(l),
+              slots, block_tables, context_lens, s);
+  return x;
+}
+
+TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor?[] matrices, int[] qtypes, Tensor?[] biases, "
+        "Tensor?[] norms, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor?[] k_scales, Tensor?[] v_scales, "
+        "Tensor slots, Tensor block_tables, Tensor context_lens, int heads, int kv_heads, int intermediate, "
+        "float eps, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }
