@@ -53,9 +53,9 @@ def test_packed_rows_dequantize_exactly_to_the_gguf_reference(qtype):
 
 
 def activation_block(qtype: str) -> int:
-    """Q4_K/Q5_K rows are multiplied with activations quantized per 256 values (one scale per
+    """K-quant rows are multiplied with activations quantized per 256 values (one scale per
     super-block, so that their integer sub-scales apply to integer sums); the others per 32."""
-    return 256 if qtype in ("Q4_K", "Q5_K") else 32
+    return 256 if qtype in ("Q4_K", "Q5_K", "Q6_K") else 32
 
 
 def int8_activation_product(x: torch.Tensor, weight: torch.Tensor, block: int = 32) -> torch.Tensor:

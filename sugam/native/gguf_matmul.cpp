@@ -21,7 +21,8 @@
 // scale and an offset per 16 values, and the products are int8 dot products (vpdpbusd, 64
 // multiply-adds an instruction) scaled in fp32:
 //     sum_i w_i x_i ~= sum_g scale_g da_g sum_{i in g} code_i qa_i + sum_g offset_g da_g sum_{i in g} qa_i
-// A decoded row stays in L1 and serves every activation row of the call.
+// A decoded row stays in L1 and serves every activation row of the call. K-quant types (Q4_K, Q5_K,
+// Q6_K) take gguf_kquant.cpp's integer sub-scale path instead.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,9 +38,9 @@
 #include <cstring>
 #include <vector>
 
-// Q4_K / Q5_K products into out [rows, n_out] of x's dtype (gguf_kquant.cpp; a translation unit of
+// Q4_K / Q5_K / Q6_K products into out [rows, n_out] of x's dtype (gguf_kquant.cpp; a translation unit of
 // its own, see there). x is contiguous fp32 or bf16; bias (fp32) may be null.
-void k4_gguf_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const float* bias, at::Tensor& out);
+void kquant_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const float* bias, at::Tensor& out);
 
 namespace {
 
@@ -278,8 +279,8 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   }
   const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({rows, n_out}, x.options());
-  if (qtype == Q4_K || qtype == Q5_K) {
-    k4_gguf_matmul(x, packed, qtype, bias_p, out);
+  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) {
+    kquant_matmul(x, packed, qtype, bias_p, out);
     return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
   }
   at::Tensor qa = at::empty({rows, cols}, x.options().dtype(at::kChar));
