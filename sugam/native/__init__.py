@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 _GGML_IDS = {t.name: t.value for t in GGMLQuantizationType}
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "attention.cpp", "layers.cpp", "decoder.cpp")]
+_SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp",
+                                      "layers.cpp", "decoder.cpp")]
 
 
 def cpu_supported() -> bool:

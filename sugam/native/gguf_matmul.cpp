@@ -21,8 +21,9 @@
 // scale and an offset per 16 values, and the products are int8 dot products (vpdpbusd, 64
 // multiply-adds an instruction) scaled in fp32:
 //     sum_i w_i x_i ~= sum_g scale_g da_g sum_{i in g} code_i qa_i + sum_g offset_g da_g sum_{i in g} qa_i
-// A decoded row stays in L1 and serves every activation row of the call. K-quant types (Q4_K, Q5_K,
-// Q6_K) take gguf_kquant.cpp's integer sub-scale path instead.
+// A decoded row stays in L1 and serves every activation row of the call. This path serves Q4_1/Q5_1;
+// the other types take faster ones with integer offsets or sub-scales: gguf_block32.cpp (Q4_0, Q5_0,
+// Q8_0) and gguf_kquant.cpp (Q4_K, Q5_K, Q6_K).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,6 +42,8 @@
 // Q4_K / Q5_K / Q6_K products into out [rows, n_out] of x's dtype (gguf_kquant.cpp; a translation unit of
 // its own, see there). x is contiguous fp32 or bf16; bias (fp32) may be null.
 void kquant_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const float* bias, at::Tensor& out);
+// Q4_0 / Q5_0 / Q8_0 likewise (gguf_block32.cpp: the fixed offset as an integer term).
+void block32_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, const float* bias, at::Tensor& out);
 
 namespace {
 
@@ -279,8 +282,9 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   }
   const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({rows, n_out}, x.options());
-  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) {
-    kquant_matmul(x, packed, qtype, bias_p, out);
+  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K || qtype == Q4_0 || qtype == Q5_0 || qtype == Q8_0) {
+    if (qtype == Q4_0 || qtype == Q5_0 || qtype == Q8_0) block32_matmul(x, packed, qtype, bias_p, out);
+    else kquant_matmul(x, packed, qtype, bias_p, out);
     return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
   }
   at::Tensor qa = at::empty({rows, cols}, x.options().dtype(at::kChar));
