@@ -51,15 +51,8 @@ SUGAM_INLINE __m512i chunk_codes(const uint8_t* codes, const uint8_t* high, int6
   if constexpr (PLANES < 0) {
     return _mm512_loadu_si512(codes + 64 * c);
   } else {
-    // the 32 nibble bytes in both halves, shifted by 0 and 4: values 0-31 of the chunk, then 32-63
-    const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * c)));
-    __m512i v = _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
-    if constexpr (PLANES == 1) {
-      uint64_t bit4;
-      std::memcpy(&bit4, high + 8 * c, 8);
-      v = _mm512_mask_add_epi8(v, bit4, v, _mm512_set1_epi8(16));  // bit 4 is clear in a nibble: + is |
-    }
-    return v;
+    const __m512i v = sugam::nibbles64(codes + 32 * c);
+    return PLANES == 1 ? sugam::add_bit_plane(v, high + 8 * c, 16) : v;
   }
 }
 

@@ -63,10 +63,7 @@ SUGAM_INLINE float k4_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
   const uint8_t* dmins = s + 2 * supers;
   const uint8_t* sc = s + 4 * supers;
   const uint8_t* mn = sc + k / 32;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // a chunk's 32 code bytes in both halves of a register, shifted by 0 and 4: the low nibbles
-  // (sub-block 2j) land in bytes 0-31 and the high ones (2j+1) in bytes 32-63
-  const __m512i nibble_shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+  // chunk j's codes: sub-block 2j in bytes 0-31, 2j+1 in bytes 32-63
   const __m512i pick[4] = {_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
                            _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
                            _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4),
@@ -79,13 +76,8 @@ SUGAM_INLINE float k4_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
     __m512i isum = _mm512_setzero_si512();
     for (int64_t j = 0; j < 4; ++j) {  // chunk c: sub-blocks 2j and 2j+1, 16 int32 lanes of 8 each
       const int64_t c = 4 * b + j;
-      const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
-      __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(q, nibble_shift), low4);
-      if constexpr (FIVE) {
-        uint64_t bits;
-        std::memcpy(&bits, high + 8 * c, 8);
-        codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(16)));
-      }
+      __m512i codes = sugam::nibbles64(row + 32 * c);
+      if constexpr (FIVE) codes = sugam::add_bit_plane(codes, high + 8 * c, 16);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(qa + 64 * c));
       isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(dot, _mm512_permutexvar_epi32(pick[j], scales)));
     }
@@ -109,8 +101,6 @@ SUGAM_INLINE float q6_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
   const uint8_t* high = row + k / 2;  // bits 4 and 5: 8 bytes of each a chunk
   const uint8_t* s = high + k / 4;
   const int8_t* sc = reinterpret_cast<const int8_t*>(s + 2 * supers);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i nibble_shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
   // int32 lane l of chunk j covers group 4j + l/4
   const __m512i pick[4] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                            _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
@@ -124,13 +114,8 @@ SUGAM_INLINE float q6_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
                                     _mm512_slli_epi32(_mm512_mullo_epi32(scales, _mm512_loadu_si512(a_sum16 + 16 * b)), 5));
     for (int64_t j = 0; j < 4; ++j) {
       const int64_t c = 4 * b + j;
-      const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
-      uint64_t bit4, bit5;
-      std::memcpy(&bit4, high + 16 * c, 8);
-      std::memcpy(&bit5, high + 16 * c + 8, 8);
-      __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(q, nibble_shift), low4);
-      codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(bit4, _mm512_set1_epi8(16)));
-      codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(bit5, _mm512_set1_epi8(32)));
+      const __m512i codes = sugam::add_bit_plane(sugam::add_bit_plane(sugam::nibbles64(row + 32 * c), high + 16 * c, 16),
+                                                 high + 16 * c + 8, 32);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(qa + 64 * c));
       isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(dot, _mm512_permutexvar_epi32(pick[j], scales)));
     }

@@ -138,20 +138,9 @@ inline __m512i chunk_codes(const uint8_t* row, const uint8_t* high, int64_t c) {
   if constexpr (PLANES < 0) {
     return _mm512_loadu_si512(row + 64 * c);
   } else {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
-    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, low4)),
-                                   _mm256_and_si256(_mm256_srli_epi16(q, 4), low4), 1);
-    if constexpr (PLANES >= 1) {
-      uint64_t bit4;
-      std::memcpy(&bit4, high + 8 * PLANES * c, 8);
-      v = _mm512_or_si512(v, _mm512_maskz_mov_epi8(bit4, _mm512_set1_epi8(16)));
-    }
-    if constexpr (PLANES == 2) {
-      uint64_t bit5;
-      std::memcpy(&bit5, high + 16 * c + 8, 8);
-      v = _mm512_or_si512(v, _mm512_maskz_mov_epi8(bit5, _mm512_set1_epi8(32)));
-    }
+    __m512i v = sugam::nibbles64(row + 32 * c);
+    if constexpr (PLANES >= 1) v = sugam::add_bit_plane(v, high + 8 * PLANES * c, 16);
+    if constexpr (PLANES == 2) v = sugam::add_bit_plane(v, high + 16 * c + 8, 32);
     return v;
   }
 }

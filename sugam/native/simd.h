@@ -28,6 +28,21 @@ inline void store16(c10::BFloat16* y, __m512 v) {  // round to nearest even, as 
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// The 32 nibble bytes at p as 64 codes: the low nibbles in bytes 0-31, the high ones in bytes 32-63
+// (both halves hold the same bytes, shifted by 0 and 4). The layout of every 4-bit chunk (gguf_matmul.cpp).
+inline __m512i nibbles64(const uint8_t* p) {
+  const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+
+// codes + value in the bytes whose bit is set in the 8 bytes at bits: one bit plane of higher code
+// bits (a bit the codes do not have yet, so the addition is an or).
+inline __m512i add_bit_plane(__m512i codes, const uint8_t* bits, int8_t value) {
+  uint64_t mask;
+  std::memcpy(&mask, bits, 8);
+  return _mm512_mask_add_epi8(codes, mask, codes, _mm512_set1_epi8(value));
+}
+
 // Round to the storage type and back, so that a product is taken of the rounded value, as PyTorch
 // does when it multiplies two bf16 tensors.
 inline __m512 rounded(__m512 v, const float*) { return v; }
