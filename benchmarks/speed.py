@@ -7,7 +7,7 @@ matrix requantized to int4: faster, lower quality; see benchmarks/quality.py), l
 transformers. For each engine, in a fresh process (so peak RSS is its own): prefill tok/s of a 512-token prompt,
 time to first token, decode tok/s over 128 tokens (EOS ignored), peak RSS; medians of --repeats.
 "Bandwidth achieved" = bytes of weights read per decoded token x decode tok/s, printed next to the
-machine's bandwidth measured in the same run. llama.cpp comes from `pip install llama-cpp-python`
+machine's bandwidth measured in the same run (median of probes taken before each engine and after). llama.cpp comes from `pip install llama-cpp-python`
 (built from its source); engines that are not installed are skipped. 2 threads everywhere.
 Writes benchmarks/results/speed-MODEL.json and .md.
 """
@@ -148,17 +148,20 @@ def _bytes_read_per_token(model) -> int:
     return total if tied else total - embed.numel() * embed.element_size()
 
 
-def machine_bandwidth_gb_s() -> float:
+def machine_bandwidth_samples(n: int = 3) -> list[float]:
+    """GB/s of a torch sum over 2 GiB with 2 threads. The shared machine's reading moves a lot (30-77
+    GB/s seen), so it is sampled before each engine and after the last, and the median is used."""
     import torch
 
+    torch.set_num_threads(2)
     x = torch.ones(2**29, dtype=torch.float32)  # 2 GiB
     x.sum()
     samples = []
-    for _ in range(5):
+    for _ in range(n):
         start = time.perf_counter()
         x.sum()
         samples.append(x.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(samples)
+    return samples
 
 
 ENGINES = {"sugam": bench_sugam, "sugam-int4": lambda path, repeats: bench_sugam(path, repeats, "int4"),
@@ -186,9 +189,10 @@ def main() -> None:
 
     from sugam.registry import pull, resolve
     path = str(pull(args.model) if not Path(args.model).exists() else resolve(args.model))
-    bandwidth = machine_bandwidth_gb_s()
+    probe = []
     rows = {}
     for engine in args.engines:
+        probe += machine_bandwidth_samples()
         env = dict(os.environ, OMP_NUM_THREADS="2")
         out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", engine, path],
                              capture_output=True, text=True, env=env)
@@ -200,8 +204,11 @@ def main() -> None:
         r["bandwidth_gb_s"] = r["weight_bytes"] * r["decode_tok_s"] / 1e9
         rows[engine] = r
         print(engine, {k: round(v, 2) for k, v in r.items()}, flush=True)
+    probe += machine_bandwidth_samples()
+    bandwidth = statistics.median(probe)
     base = rows.get("llamacpp")
-    table = [f"# Single-stream speed: {args.model}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s", "",
+    table = [f"# Single-stream speed: {args.model}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s "
+             f"(median of {len(probe)} probes, {min(probe):.0f}-{max(probe):.0f})", "",
              "| engine | decode tok/s | × llama.cpp | prefill tok/s (512) | × llama.cpp | weights read/token | "
              "bandwidth achieved | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
@@ -213,7 +220,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = Path(args.model).stem if Path(args.model).exists() else args.model
     (RESULTS / f"speed-{name}.json").write_text(json.dumps(
-        {"model": args.model, "machine_bandwidth_gb_s": bandwidth, "engines": rows}, indent=2) + "\n")
+        {"model": args.model, "machine_bandwidth_gb_s": bandwidth, "bandwidth_probes_gb_s": probe, "engines": rows}, indent=2) + "\n")
     (RESULTS / f"speed-{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
