@@ -33,8 +33,9 @@ from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, PackedGGU
 KERNEL_MAX_ROWS = 32
 # The same switch for sugam's packed-GGUF kernels: every body matmul of the 0.5B / 1.5B at 2 threads,
 # kernels vs dequantize + GEMM, 16 rows 66 vs 88 / 188 vs 235 ms, 24 rows 104 vs 115 / 271 vs 265,
-# 32 rows 138 vs 130 / 354 vs 293 (their cost grows with each row; the GEMM's barely).
-PACKED_KERNEL_MAX_ROWS = 24
+# 32 rows 138 vs 130 / 354 vs 293 (their cost grows with each row; the GEMM's barely). 16 keeps a
+# clear margin (24 is a toss-up, and throughput runs could not tell the two apart).
+PACKED_KERNEL_MAX_ROWS = 16
 # Larger matrices (the LM head) are dequantized and multiplied this many values at a time.
 DEQUANT_CHUNK_VALUES = 16 << 20
 
