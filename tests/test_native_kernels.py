@@ -196,3 +196,27 @@ def test_native_decoder_only_where_its_kernels_apply(tmp_path):
     assert LLM(str(path), dtype="float32").engine.runner.model.native_decoder is None  # the exact reference path
     assert LLM(str(path), dtype="bfloat16", quantization="int8").engine.runner.model.native_decoder is None
     assert LLM(str(path), dtype="bfloat16").engine.runner.model.native_decoder is not None
+
+
+def test_small_layers_round_as_the_pytorch_ops():
+    """RMSNorm, rotary and silu(gate) * up: one native call each, the values of the PyTorch ops the
+    Python layers would otherwise run (the native decoder relies on it when gate and up are separate)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = (torch.randn(5, 256) * 3).bfloat16()
+    weight = torch.randn(256).bfloat16()
+    xf = x.float()
+    expected = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(native.rms_norm(x, weight, 1e-6), expected)
+
+    qk = torch.randn(5, 6, 64).bfloat16()
+    angles = torch.randn(5, 32)
+    cos, sin = torch.cat([angles, angles], -1).cos().bfloat16(), torch.cat([angles, angles], -1).sin().bfloat16()
+    rotated = torch.cat((-qk[..., 32:], qk[..., :32]), dim=-1)
+    assert torch.equal(native.rotary(qk, cos, sin), qk * cos[:, None] + rotated * sin[:, None])
+
+    # the exponential is a polynomial (relative error ~1e-7), invisible after rounding to bf16 here
+    gate_up = (torch.randn(64, 2 * 4096) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(native.silu_mul(gate_up), F.silu(gate) * up)

@@ -19,12 +19,6 @@ from .. import native
 from ..layers.attention import AttentionMetadata, KVCache
 from ..quant.linear import PACKED_KERNEL_MAX_ROWS, QuantizedLinear
 
-# Matrix slots of a layer, in decoder.cpp's order (absent ones are None).
-_SLOTS = (("self_attn", ("qkv_proj", "qk_proj", "q_proj")), ("self_attn", ("v_proj", "k_proj")),
-          ("self_attn", ("v_proj",)), ("self_attn", ("o_proj",)), ("mlp", ("gate_up_proj", "gate_proj")),
-          ("mlp", ("up_proj",)), ("mlp", ("down_proj",)))
-
-
 def _layer_matrices(layer: nn.Module) -> list[QuantizedLinear | None]:
     """The layer's projections in decoder.cpp's slots: q|k|v as one, two (q|k, v) or three matrices,
     then o, gate|up as one or two, down."""
