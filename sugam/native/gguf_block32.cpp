@@ -37,24 +37,13 @@ void quantize_row_32(const T* x, int64_t k, int32_t offset, int8_t* q, float* bl
     const __m512 v0 = load16(x + 32 * b), v1 = load16(x + 32 * b + 16);
     const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
     const __m512 inv = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+    const __m512i q0 = sugam::quantize16(v0, inv, q + 32 * b), q1 = sugam::quantize16(v1, inv, q + 32 * b + 16);
     block_scale[b] = d;
     lane_offset[8 * b] = -offset * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
   }
 }
 
-// The 64 unsigned codes of chunk c: PLANES -1 reads 8-bit codes, 0 nibbles, 1 nibbles + bit 4.
-template <int PLANES>
-SUGAM_INLINE __m512i chunk_codes(const uint8_t* codes, const uint8_t* high, int64_t c) {
-  if constexpr (PLANES < 0) {
-    return _mm512_loadu_si512(codes + 64 * c);
-  } else {
-    const __m512i v = sugam::nibbles64(codes + 32 * c);
-    return PLANES == 1 ? sugam::add_bit_plane(v, high + 8 * c, 16) : v;
-  }
-}
+using sugam::chunk_codes;  // PLANES -1: Q8_0 (or a row decoded once), 0: Q4_0, 1: Q5_0
 
 // One weight row . one activation row. d16: the row's fp16 block scales.
 template <int PLANES>

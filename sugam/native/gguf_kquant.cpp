@@ -43,10 +43,7 @@ void quantize_row_256(const T* x, int64_t k, int8_t* q, float* scale256, int32_t
     scale256[b] = d;
     for (int64_t g = 0; g < 8; ++g) {
       const int64_t at = 256 * b + 32 * g;
-      __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + at), inv));
-      __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + at + 16), inv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + at), _mm512_cvtsepi32_epi8(q0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + at + 16), _mm512_cvtsepi32_epi8(q1));
+      const __m512i q0 = sugam::quantize16(load16(x + at), inv, q + at), q1 = sugam::quantize16(load16(x + at + 16), inv, q + at + 16);
       sum16[16 * b + 2 * g] = _mm512_reduce_add_epi32(q0);
       sum16[16 * b + 2 * g + 1] = _mm512_reduce_add_epi32(q1);
       sum32[8 * b + g] = sum16[16 * b + 2 * g] + sum16[16 * b + 2 * g + 1];
@@ -76,8 +73,7 @@ SUGAM_INLINE float k4_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
     __m512i isum = _mm512_setzero_si512();
     for (int64_t j = 0; j < 4; ++j) {  // chunk c: sub-blocks 2j and 2j+1, 16 int32 lanes of 8 each
       const int64_t c = 4 * b + j;
-      __m512i codes = sugam::nibbles64(row + 32 * c);
-      if constexpr (FIVE) codes = sugam::add_bit_plane(codes, high + 8 * c, 16);
+      const __m512i codes = sugam::chunk_codes<FIVE ? 1 : 0>(row, high, c);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(qa + 64 * c));
       isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(dot, _mm512_permutexvar_epi32(pick[j], scales)));
     }
@@ -114,8 +110,7 @@ SUGAM_INLINE float q6_row_dot(const uint8_t* row, int64_t k, const int8_t* qa, c
                                     _mm512_slli_epi32(_mm512_mullo_epi32(scales, _mm512_loadu_si512(a_sum16 + 16 * b)), 5));
     for (int64_t j = 0; j < 4; ++j) {
       const int64_t c = 4 * b + j;
-      const __m512i codes = sugam::add_bit_plane(sugam::add_bit_plane(sugam::nibbles64(row + 32 * c), high + 16 * c, 16),
-                                                 high + 16 * c + 8, 32);
+      const __m512i codes = sugam::chunk_codes<2>(row, high, c);
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(qa + 64 * c));
       isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(dot, _mm512_permutexvar_epi32(pick[j], scales)));
     }

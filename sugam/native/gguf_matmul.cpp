@@ -131,19 +131,7 @@ void decode_scales(const uint8_t* s, int64_t qtype, int64_t k, float* scale, flo
   }
 }
 
-// The codes of 64-value chunk c as 64 unsigned bytes. PLANES: -1 for 8-bit codes, else the
-// number of high-bit planes above the nibbles (0, 1 or 2).
-template <int PLANES>
-inline __m512i chunk_codes(const uint8_t* row, const uint8_t* high, int64_t c) {
-  if constexpr (PLANES < 0) {
-    return _mm512_loadu_si512(row + 64 * c);
-  } else {
-    __m512i v = sugam::nibbles64(row + 32 * c);
-    if constexpr (PLANES >= 1) v = sugam::add_bit_plane(v, high + 8 * PLANES * c, 16);
-    if constexpr (PLANES == 2) v = sugam::add_bit_plane(v, high + 16 * c + 8, 32);
-    return v;
-  }
-}
+using sugam::chunk_codes;
 
 int planes_of(int64_t qtype) {
   switch (qtype) {
@@ -180,10 +168,7 @@ void quantize_row(const T* x, int64_t k, int8_t* q, float* lane_scale, float* sc
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float d = amax / 127.0f;
     const __m512 inv = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
-    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round to nearest even
-    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+    const __m512i q0 = sugam::quantize16(v0, inv, q + 32 * b), q1 = sugam::quantize16(v1, inv, q + 32 * b + 16);
     _mm256_storeu_ps(lane_scale + 8 * b, _mm256_set1_ps(d));
     scaled_sum16[2 * b] = d * static_cast<float>(_mm512_reduce_add_epi32(q0));
     scaled_sum16[2 * b + 1] = d * static_cast<float>(_mm512_reduce_add_epi32(q1));
@@ -221,17 +206,14 @@ float packed_row_dot(const uint8_t* row, const uint8_t* high, const float* scale
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
+// Decode of a Q4_1 / Q5_1 row (the types this path serves, see gguf_matmul).
 float packed_row_dot(const uint8_t* row, int64_t qtype, int64_t k, float* scale16, float* offset16,
                      const int8_t* qa, const float* a_lanes, const float* a_sum16, sugam::SpreadPrefetch& prefetch) {
   const Layout L = layout_of(qtype, k);
   decode_scales(row + L.code_bytes + L.high_bytes, qtype, k, scale16, offset16);
   const uint8_t* high = row + L.code_bytes;
-  switch (planes_of(qtype)) {
-    case -1: return packed_row_dot<-1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
-    case 0: return packed_row_dot<0>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
-    case 1: return packed_row_dot<1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
-    default: return packed_row_dot<2>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
-  }
+  return qtype == Q5_1 ? packed_row_dot<1>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch)
+                       : packed_row_dot<0>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
 }
 
 void check_packed(const at::Tensor& packed, int64_t qtype, int64_t cols) {
@@ -271,11 +253,16 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   }
   const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({rows, n_out}, x.options());
-  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K || qtype == Q4_0 || qtype == Q5_0 || qtype == Q8_0) {
-    if (qtype == Q4_0 || qtype == Q5_0 || qtype == Q8_0) block32_matmul(x, packed, qtype, bias_p, out);
-    else kquant_matmul(x, packed, qtype, bias_p, out);
-    return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
+  auto in_x_dtype = [&] { return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type()); };
+  if (qtype == Q4_0 || qtype == Q5_0 || qtype == Q8_0) {
+    block32_matmul(x, packed, qtype, bias_p, out);
+    return in_x_dtype();
   }
+  if (qtype == Q4_K || qtype == Q5_K || qtype == Q6_K) {
+    kquant_matmul(x, packed, qtype, bias_p, out);
+    return in_x_dtype();
+  }
+  // Q4_1 / Q5_1: scale and float offset per 16 values
   at::Tensor qa = at::empty({rows, cols}, x.options().dtype(at::kChar));
   at::Tensor a_lanes = at::empty({rows, cols / 4}, x.options().dtype(at::kFloat));
   at::Tensor a_sum16 = at::empty({rows, cols / 16}, x.options().dtype(at::kFloat));
@@ -316,7 +303,7 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
       }
     }
   });
-  return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
+  return in_x_dtype();
 }
 
 }  // namespace sugam

@@ -43,6 +43,29 @@ inline __m512i add_bit_plane(__m512i codes, const uint8_t* bits, int8_t value) {
   return _mm512_mask_add_epi8(codes, mask, codes, _mm512_set1_epi8(value));
 }
 
+// The 64 unsigned codes of chunk c of a packed row (gguf_matmul.cpp's layout). PLANES: -1 for 8-bit
+// codes (Q8_0, or a row decoded once), else the bit planes above the nibbles, 8 bytes each a chunk
+// (Q5_x/Q5_K: bit 4; Q6_K: bits 4 and 5).
+template <int PLANES>
+inline __attribute__((always_inline)) __m512i chunk_codes(const uint8_t* codes, const uint8_t* high, int64_t c) {
+  if constexpr (PLANES < 0) {
+    return _mm512_loadu_si512(codes + 64 * c);
+  } else {
+    __m512i v = nibbles64(codes + 32 * c);
+    if constexpr (PLANES >= 1) v = add_bit_plane(v, high + 8 * PLANES * c, 16);
+    if constexpr (PLANES == 2) v = add_bit_plane(v, high + 16 * c + 8, 32);
+    return v;
+  }
+}
+
+// 16 activations times inv (1 / their block's scale), rounded to nearest even: stored at q as int8,
+// returned as int32 lanes (for the block sums).
+inline __m512i quantize16(__m512 v, __m512 inv, int8_t* q) {
+  const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(codes));
+  return codes;
+}
+
 // Round to the storage type and back, so that a product is taken of the rounded value, as PyTorch
 // does when it multiplies two bf16 tensors.
 inline __m512 rounded(__m512 v, const float*) { return v; }
