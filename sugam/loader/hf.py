@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..quant.export import METADATA_KEY, assemble
+from ..quant.export import METADATA_KEY, assemble, check_layout
 from ..quant.export import PARTS as _PARTS
 from ..quant.formats import INT4_GROUP, QuantizedWeight, quantize
 from ..quant.policy import WeightChooser
@@ -113,6 +113,7 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
                 with safe_open(str(file), framework="pt") as f:
                     meta = f.metadata() or {}
                     if meta.get(METADATA_KEY):  # written by `sugam quantize`: parts -> quantized weights
+                        check_layout(meta, file)
                         pending: dict[str, dict[str, torch.Tensor]] = {}
                         for name in f.keys():
                             base, _, part = name.rpartition(".")

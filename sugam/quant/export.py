@@ -2,9 +2,10 @@
 
 The folder keeps the source's config, tokenizer and template files and holds one
 `model.safetensors` whose quantized matrices are stored as their parts ("X.weight.q" +
-"X.weight.scale" for int8, "X.weight.packed" + "X.weight.scales_zeros" for int4), marked in the
-file's metadata. The int4 bytes are in the layout of PyTorch's CPU int4 kernel, so the folder is
-for sugam (transformers cannot read it); loading it skips all quantization work.
+"X.weight.scale" for int8, "X.weight.codes" + "X.weight.scales_zeros" for int4), marked in the
+file's metadata. int4 codes are stored two a byte in column order (not in PyTorch's kernel layout,
+which differs from one CPU to another) and packed for this CPU's kernel at load, so a folder made on
+one machine loads on any other. The folder is for sugam (transformers cannot read it).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SugamError
+from ..errors import ModelFormatError, SugamError
 from ..loader.base import LoadedCheckpoint
-from .formats import INT4_GROUP, Int4Weight, Int8Weight
+from .formats import (INT4_GROUP, Int4Weight, Int8Weight, int4_supported, pack_codes, pack_int4, quantize_int8,
+                      unpack_codes)
 from .policy import weight_chooser
 
 METADATA_KEY = "sugam_quantization"
-INT4_LAYOUT = "torch-cpu-int4pack"
-PARTS = {"int8": ("q", "scale"), "int4": ("packed", "scales_zeros")}
+INT4_LAYOUT = "column-pairs"   # codes of columns 2j (low nibble) and 2j + 1 (high) in byte j
+_OLD_INT4_LAYOUT = "torch-cpu-int4pack"  # sugam before this layout: the packing of the CPU that wrote it
+PARTS = {"int8": ("q", "scale"), "int4": ("codes", "scales_zeros")}
 
 
 def save_quantized(checkpoint: LoadedCheckpoint, out_dir: Path, mode: str) -> int:
@@ -45,7 +48,10 @@ def save_quantized(checkpoint: LoadedCheckpoint, out_dir: Path, mode: str) -> in
     tensors: dict[str, torch.Tensor] = {}
     choose = weight_chooser(mode, checkpoint.config.tie_word_embeddings)
     for name, weight in checkpoint.iter_weights(choose):
-        if isinstance(weight, (Int8Weight, Int4Weight)):
+        if isinstance(weight, Int4Weight):
+            tensors[f"{name}.codes"] = pack_codes(weight.codes())
+            tensors[f"{name}.scales_zeros"] = weight.scales_zeros.contiguous()
+        elif isinstance(weight, Int8Weight):
             for part, tensor in weight.tensors().items():
                 tensors[f"{name}.{part}"] = tensor.contiguous()
         else:
@@ -56,10 +62,22 @@ def save_quantized(checkpoint: LoadedCheckpoint, out_dir: Path, mode: str) -> in
     return target.stat().st_size
 
 
+def check_layout(metadata: dict[str, str], file: object) -> None:
+    if metadata.get("int4_layout", INT4_LAYOUT) != INT4_LAYOUT:
+        raise ModelFormatError(f"{file}: int4 weights in the CPU-specific layout of an older sugam "
+                               f"({metadata['int4_layout']}); run `sugam quantize` on the source model again")
+
+
 def assemble(parts: dict[str, torch.Tensor], group: int) -> Int8Weight | Int4Weight | None:
-    """The quantized weight once all its stored parts are read, else None."""
+    """The quantized weight once all its stored parts are read, else None. int4 codes are packed for
+    this CPU's kernel here (or become int8 where PyTorch's int4 packing is unknown)."""
     if set(parts) == set(PARTS["int8"]):
         return Int8Weight(parts["q"], parts["scale"])
     if set(parts) == set(PARTS["int4"]):
-        return Int4Weight(parts["packed"], parts["scales_zeros"], group)
+        codes, sz = unpack_codes(parts["codes"]), parts["scales_zeros"].to(torch.float32)
+        scale, zero = sz[..., 0].t(), sz[..., 1].t()
+        if int4_supported(tuple(codes.shape), group):
+            return pack_int4(codes, scale, zero, group)
+        values = (codes.to(torch.float32) - 8) * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1)
+        return quantize_int8(values)
     return None

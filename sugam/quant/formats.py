@@ -3,23 +3,105 @@
 Measured on the 2-core Zen4 (benchmarks/linear.py): for one decoding token, `_weight_int8pack_mm`
 reads int8 weights at the machine's full bandwidth (~31 GB/s, 2.4x faster than bf16 F.linear) and
 `_weight_int4pack_mm_for_cpu` reads int4 ones ~4x faster than bf16. Both take bf16 activations;
-their fp32 variants are 15-40x slower, so quantized models compute in bf16.
+their fp32 variants are 15-40x slower (also with ATen's AVX2 kernels), so the kernels are always
+given bf16 rows, whatever the model computes in.
 
 - Int8Weight: symmetric, one scale per output row: w[n, k] = q[n, k] * scale[n].
 - Int4Weight: asymmetric, one scale and offset per group of 32 inputs of a row (tinygemm form):
   w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n], g = k // 32, codes 0..15 packed by
-  `_convert_weight_to_int4pack_for_cpu` (blocks of 64 rows: byte [k, i] holds row i in its low
-  nibble and row 32 + i in its high one).
+  `_convert_weight_to_int4pack_for_cpu`. That packing depends on the CPU capability ATen runs
+  with (see Int4Layout), so the packed bytes are only read through the layout detected here, and
+  are never saved: `sugam quantize` stores the plain codes (`pack_codes`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
+log = logging.getLogger(__name__)
+
 INT4_GROUP = 32
-INT4_ROW_BLOCK = 64  # rows interleaved by the CPU int4 packing
+INT4_ROW_BLOCK = 64  # int4 matrices have whole blocks of 64 rows: a multiple of every packing's block
+
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """How `torch._convert_weight_to_int4pack_for_cpu` arranges the codes on this CPU.
+
+    Rows go in blocks of `block_rows`; a block is stored as [in, block_rows / 2] bytes. With
+    `adjacent`, byte i of a column holds rows 2i (low nibble) and 2i + 1 (high); otherwise rows i
+    and i + block_rows / 2. Seen in PyTorch 2.13: AVX512 64 rows halves, AVX2 32 rows halves,
+    DEFAULT (and builds without x86 vector kernels) 32 rows adjacent.
+    """
+    block_rows: int
+    adjacent: bool
+
+    def row_of(self, byte: int, high: bool) -> int:
+        """Row within the block of the nibble (byte, low/high) of one input column."""
+        if self.adjacent:
+            return 2 * byte + int(high)
+        return byte + int(high) * self.block_rows // 2
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes [out, in] -> packed bytes [out, in // 2] in this layout (the kernel's own packer
+        is used for real weights; this one states the layout, for the probe and the tests)."""
+        n, k = codes.shape
+        half = self.block_rows // 2
+        blocks = codes.to(torch.uint8).view(n // self.block_rows, self.block_rows, k)
+        if self.adjacent:
+            low, high = blocks[:, 0::2], blocks[:, 1::2]
+        else:
+            low, high = blocks[:, :half], blocks[:, half:]
+        return (low | (high << 4)).transpose(1, 2).reshape(n, k // 2)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed bytes [out, in // 2] -> uint8 codes [out, in]."""
+        n, k = packed.shape[0], packed.shape[1] * 2
+        blocks = packed.view(n // self.block_rows, k, self.block_rows // 2)
+        halves = torch.stack([blocks & 15, blocks >> 4], dim=3 if self.adjacent else 1)
+        # adjacent: [blocks, in, byte, nibble] ; halves: [blocks, nibble, in, byte]
+        order = (0, 2, 3, 1) if self.adjacent else (0, 1, 3, 2)
+        return halves.permute(order).reshape(n, k)
+
+
+_KNOWN_LAYOUTS = [Int4Layout(64, False), Int4Layout(32, False), Int4Layout(32, True), Int4Layout(16, True),
+                  Int4Layout(16, False), Int4Layout(64, True)]
+
+
+@cache
+def int4_layout() -> Int4Layout | None:
+    """The packing of this process's ATen kernels, found by packing a probe (None: unknown, so int4 is
+    not used). Every row and column gets a distinct code pattern, so only the true layout matches."""
+    rows, cols = INT4_ROW_BLOCK, 64
+    r = torch.arange(rows)[:, None].expand(rows, cols)
+    c = torch.arange(cols)[None, :].expand(rows, cols)
+    probes = [r % 16, r // 16, c % 16, c // 16]
+    try:
+        packed = [torch._convert_weight_to_int4pack_for_cpu(p.to(torch.int32).contiguous(), 1) for p in probes]
+    except (RuntimeError, AttributeError) as exc:  # an old PyTorch or a build without the kernel
+        log.warning("PyTorch's CPU int4 kernel is unavailable (%s); int4 weights are stored as int8", exc)
+        return None
+    for layout in _KNOWN_LAYOUTS:
+        if all(got.shape == (rows, cols // 2) and torch.equal(got, layout.pack(p)) for got, p in zip(packed, probes)):
+            return layout
+    log.warning("unknown packing of PyTorch's CPU int4 kernel (capability %s); int4 weights are stored as int8",
+                torch.backends.cpu.get_cpu_capability())
+    return None
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] -> [out, in // 2], column 2j in the low nibble of byte j and 2j + 1 in the
+    high one: the CPU-independent form `sugam quantize` stores."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
 @dataclass
@@ -34,13 +116,16 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scale.to(torch.float32)[:, None]).to(dtype)
 
+    def rows(self, start: int, end: int) -> "Int8Weight":
+        return Int8Weight(self.q[start:end], self.scale[start:end])
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"q": self.q, "scale": self.scale}
 
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor        # uint8 [out, in // 2], CPU int4pack layout
+    packed: torch.Tensor        # uint8 [out, in // 2], in this CPU's int4_layout()
     scales_zeros: torch.Tensor  # bf16 [in // group, out, 2]
     group: int = INT4_GROUP
 
@@ -49,11 +134,8 @@ class Int4Weight:
         return self.packed.shape[0], self.packed.shape[1] * 2
 
     def codes(self) -> torch.Tensor:
-        """The 4-bit codes as uint8 [out, in], undoing the CPU packing."""
-        n, k = self.shape
-        blocks = self.packed.view(n // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2)
-        halves = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [row blocks, 2, in, 32]
-        return halves.transpose(2, 3).reshape(n, k)
+        """The 4-bit codes as uint8 [out, in], undoing this CPU's packing."""
+        return _layout().unpack(self.packed)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         sz = self.scales_zeros.to(torch.float32)
@@ -61,8 +143,19 @@ class Int4Weight:
         zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
         return ((self.codes().to(torch.float32) - 8) * scale + zero).to(dtype)
 
+    def rows(self, start: int, end: int) -> "Int4Weight":
+        """Output rows start:end (whole 64-row blocks), sharing memory where the layout allows."""
+        return Int4Weight(self.packed[start:end], self.scales_zeros[:, start:end], self.group)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scales_zeros": self.scales_zeros}
+
+
+def _layout() -> Int4Layout:
+    layout = int4_layout()
+    if layout is None:  # int4_supported() keeps every Int4Weight from being made on such a CPU
+        raise RuntimeError("PyTorch's int4 packing is unknown on this CPU")
+    return layout
 
 
 @dataclass
@@ -124,8 +217,10 @@ def stored_bytes(fmt: str, shape: tuple[int, int]) -> int:
 
 
 def int4_supported(shape: tuple[int, ...], group: int = INT4_GROUP) -> bool:
-    """The CPU int4 packing needs whole 64-row blocks and whole groups."""
-    return len(shape) == 2 and shape[0] % INT4_ROW_BLOCK == 0 and shape[1] % group == 0
+    """PyTorch's int4 kernel runs here with a known packing, and the shape has whole 64-row blocks
+    and whole groups."""
+    return (len(shape) == 2 and shape[0] % INT4_ROW_BLOCK == 0 and shape[1] % group == 0
+            and int4_layout() is not None)
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, PackedGGUFWeight, QuantizedWeight
+from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, PackedGGUFWeight, QuantizedWeight, int4_layout
 
 # Up to this many rows the weight-only kernels win; above it, dequantize + GEMM.
 KERNEL_MAX_ROWS = 32
@@ -41,56 +41,84 @@ DEQUANT_CHUNK_VALUES = 16 << 20
 
 
 class _DequantBuffer:
-    """One bf16 buffer per device, grown to the largest weight, reused by every layer.
+    """One buffer per device and dtype, grown to the largest chunk, reused by every layer.
 
     Fresh multi-MB allocations page-fault at ~3.5 GB/s on this CPU; a reused buffer does not.
     The engine runs one forward at a time, so layers never need it at once.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def get(self, numel: int, device: torch.device) -> torch.Tensor:
-        buf = self._buffers.get(device)
+    def get(self, numel: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        buf = self._buffers.get((device, dtype))
         if buf is None or buf.numel() < numel:
             # A normal tensor even when first asked for under inference_mode: an inference tensor
             # could not be written by a later call made outside it.
             with torch.inference_mode(False):
-                buf = torch.empty(numel, dtype=torch.bfloat16, device=device)
-            self._buffers[device] = buf
+                buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[(device, dtype)] = buf
         return buf[:numel]
 
 
 _dequant_buffer = _DequantBuffer()
 
 
-def _dequantized_transpose(weight: QuantizedWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W^T [in, out] in bf16, per-output scale to apply to x @ W^T or None), written into the shared
+def _dequantized_transpose(weight: Int8Weight | Int4Weight, dtype: torch.dtype,
+                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W^T [in, out] in `dtype`, per-output scale to apply to x @ W^T or None), written into the shared
     buffer (valid until the next call)."""
     n, k = weight.shape
-    # int4 also needs room for its bf16 codes (half the weight) after the weight itself
-    scratch = _dequant_buffer.get(n * k + (n * k // 2 if isinstance(weight, Int4Weight) else 0), device)
+    # int4 also needs room for its centred codes (half the weight) after the weight itself
+    scratch = _dequant_buffer.get(n * k + (n * k // 2 if isinstance(weight, Int4Weight) else 0), device, dtype)
     buf = scratch[:n * k]
     if isinstance(weight, Int8Weight):
         # The codes are exact in bf16 and the scale is per output, so it is applied to the product
         # instead: one conversion pass over the weight (3x faster than a mixed-dtype multiply).
-        return buf.view(n, k).copy_(weight.q).t(), weight.scale
-    # int4: the packed bytes are [row blocks of 64, in, 32] (low nibble: rows 0-31 of the block,
-    # high: rows 32-63), so W^T's memory order [in, row block, half, 32] reads them in sequence
-    # (6x faster than unpacking to W [out, in]). All-bf16 operands keep every op on its fast path
-    # (mixed dtypes or fp32 broadcasts are 3-4x slower); codes - 8 and the kernel's bf16 scale and
-    # zero are exact in bf16, so only the result is rounded, as in the kernel.
-    groups, blocks = k // weight.group, n // INT4_ROW_BLOCK
-    packed = weight.packed.view(blocks, groups, weight.group, INT4_ROW_BLOCK // 2)
-    per_group = weight.scales_zeros.view(groups, blocks, 2, INT4_ROW_BLOCK // 2, 2).permute(1, 2, 0, 3, 4)
-    # [blocks, 2, groups, 1, 32], contiguous: a strided inner dimension would defeat vectorization
-    scale, zero = per_group[..., 0].unsqueeze(3).contiguous(), per_group[..., 1].unsqueeze(3).contiguous()
-    dest = buf.view(groups, weight.group, blocks, 2, INT4_ROW_BLOCK // 2).permute(2, 3, 0, 1, 4)
+        return buf.view(n, k).copy_(weight.q).t(), weight.scale.to(dtype)
+    # int4: the packed bytes are [row blocks, in, block / 2], each byte two rows of a block (int4_layout),
+    # so W^T's memory order [in, row block, rows of the block] reads them in sequence (6x faster than
+    # unpacking to W [out, in]). Operands of one dtype keep every op on its fast path (mixed dtypes or
+    # broadcasts of another dtype are 3-4x slower); codes - 8 and the bf16 scale and zero are exact in
+    # bf16 and fp32, so only the result is rounded, as in the kernel.
+    layout = int4_layout()
+    assert layout is not None  # an Int4Weight is only made where the layout is known
+    b, groups = layout.block_rows, k // weight.group
+    blocks, half = n // b, b // 2
+    packed = weight.packed.view(blocks, groups, weight.group, half)
+    sz = weight.scales_zeros
+    if layout.adjacent:  # row = block * b + 2 * byte + nibble
+        dest = buf.view(groups, weight.group, blocks, half, 2).permute(2, 4, 0, 1, 3)
+        per_group = sz.view(groups, blocks, half, 2, 2).permute(1, 3, 0, 2, 4)
+    else:  # row = block * b + nibble * half + byte
+        dest = buf.view(groups, weight.group, blocks, 2, half).permute(2, 3, 0, 1, 4)
+        per_group = sz.view(groups, blocks, 2, half, 2).permute(1, 2, 0, 3, 4)
+    # [blocks, nibble, groups, 1, half], contiguous: a strided inner dimension would defeat vectorization
+    scale = per_group[..., 0].unsqueeze(3).to(dtype, memory_format=torch.contiguous_format)
+    zero = per_group[..., 1].unsqueeze(3).to(dtype, memory_format=torch.contiguous_format)
     centred = scratch[n * k:].view(packed.shape)
-    for half, codes in enumerate((packed & 15, packed >> 4)):
+    for nibble, codes in enumerate((packed & 15, packed >> 4)):
         centred.copy_(codes).sub_(8)
-        torch.addcmul(zero[:, half], centred, scale[:, half], out=dest[:, half])
+        torch.addcmul(zero[:, nibble], centred, scale[:, nibble], out=dest[:, nibble])
     return buf.view(k, n), None
+
+
+def _dequantized_matmul(x: torch.Tensor, weight: Int8Weight | Int4Weight) -> torch.Tensor:
+    """x [rows, in] @ W^T for many rows, in x's dtype: the weight is dequantized into the shared buffer
+    and multiplied by the GEMM, a chunk of output rows at a time (bounded buffer for any matrix)."""
+    n, k = weight.shape
+    step = max(INT4_ROW_BLOCK, DEQUANT_CHUNK_VALUES // k // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
+    if step >= n:
+        transposed, out_scale = _dequantized_transpose(weight, x.dtype, x.device)
+        out = x @ transposed
+        return out if out_scale is None else out.mul_(out_scale)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        transposed, out_scale = _dequantized_transpose(weight.rows(start, end), x.dtype, x.device)
+        part = x @ transposed
+        out[:, start:end] = part if out_scale is None else part.mul_(out_scale)
+    return out
 
 
 def _kernel_matmul(xb: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -125,14 +153,14 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if isinstance(weight, PackedGGUFWeight):
         return _packed_matmul(x, weight.packed, weight.qtype, weight.cols)
     dtype = x.dtype
-    xb = x.to(torch.bfloat16)
     if x.device.type != "cpu":
-        return F.linear(xb, weight.dequantize(torch.bfloat16)).to(dtype)
+        return F.linear(x.to(torch.bfloat16), weight.dequantize(torch.bfloat16)).to(dtype)
     if x.shape[0] > KERNEL_MAX_ROWS:
-        transposed, out_scale = _dequantized_transpose(weight, x.device)
-        out = xb @ transposed
-        return (out if out_scale is None else out.mul_(out_scale)).to(dtype)
-    return _kernel_matmul(xb, weight).to(dtype)
+        # The GEMM runs in the model's dtype: bf16 where the CPU has bf16 arithmetic, else fp32
+        # (emulated bf16 GEMMs are 2-3x slower than fp32 ones on AVX2).
+        compute = dtype if dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+        return _dequantized_matmul(x.to(compute), weight).to(dtype)
+    return _kernel_matmul(x.to(torch.bfloat16), weight).to(dtype)
 
 
 def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
