@@ -112,13 +112,15 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from .engine.runner import describe_path
     from .llm import LLM
 
     start = time.perf_counter()
     # One conversation at a time: a KV pool of one context, not one sized for a server.
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=1,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
-    print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s: "
+          f"{describe_path(llm.engine.runner.execution_path())}]", file=sys.stderr)
     return llm
 
 

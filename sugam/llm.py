@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence as Seq
@@ -11,7 +12,9 @@ import torch
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sequence import RequestOutput
 from .errors import SugamError
+from .hardware import cpu_compute_dtype
 from .loader import open_checkpoint
+from .quant.policy import resolve_mode
 from .registry import DEFAULT_MODEL, apply_alias_defaults, resolve
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
@@ -36,11 +39,16 @@ def pick_device(device: str | torch.device | None) -> torch.device:
         raise SugamError(f"unknown device {device!r}: {exc}") from exc
 
 
-def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = True) -> torch.dtype:
+    """The compute dtype. "auto" on a CPU: bf16 where the CPU has bf16 arithmetic; elsewhere fp32 for
+    quantized weights (their kernels take bf16 rows either way; emulated bf16 GEMMs are 2-3x slower
+    than fp32) and bf16 for dense ones (half the memory of fp32 weights)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # bf16 halves the bytes read per token; fp16 math is very slow on CPUs, MPS prefers fp16.
+        if device.type == "cpu":
+            return cpu_compute_dtype() if quantized else torch.bfloat16
+        # fp16 math is very slow on CPUs, MPS prefers fp16.
         return torch.float16 if device.type == "mps" else torch.bfloat16
     if dtype not in _DTYPES:
         raise SugamError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(_DTYPES))}")
@@ -53,7 +61,13 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
     checkpoint = open_checkpoint(path)
     apply_alias_defaults(path, checkpoint.generation)
     dev = pick_device(device)
-    return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev), config)
+    config = config or EngineConfig()
+    mode = config.quantization
+    if mode == "auto" and dtype != "auto" and pick_dtype(dtype, dev) == torch.float32:
+        mode = "none"  # an explicit float32 asks for the exact dense reference path
+    mode = checkpoint.info.get("sugam_quantization") or resolve_mode(mode, checkpoint.info.get("format", ""), dev.type)
+    config = dataclasses.replace(config, quantization=mode)
+    return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config)
 
 
 class LLM:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..layers.attention import AttentionMetadata, KVCache
@@ -13,6 +16,9 @@ from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
 from ..models.native_decode import NativeDecoder
 from .. import native as native_kernels
+from ..hardware import cpu_model, native_bf16
+from ..quant.formats import int4_layout
+from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
 from ..quant.policy import resolve_mode, weight_chooser
 from .sequence import Sequence
 
@@ -29,8 +35,7 @@ class ModelRunner:
                  quantization: str = "auto"):
         self.config = checkpoint.config
         self.device, self.dtype = device, dtype
-        self.quantization = resolve_mode(quantization, checkpoint.info.get("format", ""), device.type,
-                                         dtype == torch.bfloat16)
+        self.quantization = resolve_mode(quantization, checkpoint.info.get("format", ""), device.type)
         stored = checkpoint.info.get("sugam_quantization")
         if stored:  # a `sugam quantize` folder: its matrices arrive quantized whatever the mode
             self.quantization = stored
@@ -52,6 +57,32 @@ class ModelRunner:
         _return_freed_memory()
         self.kv_caches: list[KVCache] = []
         self.block_size = 0
+
+    def execution_path(self) -> dict[str, Any]:
+        """What this model runs on, as chosen at load: device and CPU, kernels, weight formats (matrices
+        per format after fusion) and compute dtype. Shown by `sugam run`, the server log and /v1/models."""
+        weights: Counter[str] = Counter()
+        for module in self.model.modules():
+            if isinstance(module, QuantizedLinear):
+                weights[f"{module.weight_format} {module.qtype}".strip()] += 1
+            elif isinstance(module, GGUFRowEmbedding):
+                weights[f"rows {module.qtype}"] += 1
+            elif isinstance(module, QuantizedEmbedding):
+                weights["int8"] += 1
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                weights[f"dense {str(module.weight.dtype).removeprefix('torch.')}"] += 1
+        path: dict[str, Any] = {"device": str(self.device), "compute_dtype": str(self.dtype).removeprefix("torch."),
+                                "quantization": self.quantization, "weights": dict(weights.most_common())}
+        if self.device.type == "cpu":
+            packed = any(k.startswith("packed") for k in weights)
+            layout = int4_layout() if any(k.startswith("int4") for k in weights) else None
+            path.update(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                        bf16="native" if native_bf16() else "emulated", threads=torch.get_num_threads(),
+                        kernels="sugam AVX-512" if packed else "pytorch",
+                        native_decoder=self.model.native_decoder is not None)
+            if layout is not None:
+                path["int4_packing"] = f"{layout.block_rows}-row blocks, {'adjacent' if layout.adjacent else 'halves'}"
+        return path
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, int8: bool = False) -> None:
         cfg = self.config
@@ -94,6 +125,18 @@ class ModelRunner:
         if not sample_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
+
+
+def describe_path(path: dict[str, Any]) -> str:
+    """One line for logs and the terminal, e.g. "cpu AMD EPYC (AVX512, bf16 native), sugam AVX-512 kernels,
+    gguf weights: packed Q5_0 x120, ..., compute bfloat16"."""
+    weights = ", ".join(f"{name} x{count}" for name, count in path["weights"].items())
+    if path["device"] != "cpu":
+        where = path["device"]
+    else:
+        where = (f"cpu {path['cpu']} ({path['cpu_capability']}, bf16 {path['bf16']}, {path['threads']} threads), "
+                 f"{'sugam AVX-512' if path['kernels'] != 'pytorch' else 'PyTorch'} kernels")
+    return f"{where}; {path['quantization']} weights: {weights}; compute {path['compute_dtype']}"
 
 
 def _return_freed_memory() -> None:

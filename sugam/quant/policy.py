@@ -60,11 +60,11 @@ def weight_chooser(mode: str, tied_embeddings: bool = False, packed_kernels: boo
     return choose
 
 
-def resolve_mode(mode: str, checkpoint_format: str, device_type: str, dtype_is_bf16: bool) -> str:
-    """"auto" keeps a GGUF file quantized where the fast kernels exist (CPU, bf16 compute) and loads
-    everything else dense; fp32 stays the exact reference path."""
+def resolve_mode(mode: str, checkpoint_format: str, device_type: str) -> str:
+    """"auto" keeps a GGUF file quantized where the fast kernels exist (the CPU) and loads everything
+    else dense. (An explicit `--dtype float32` asks for "none", the exact reference: sugam.llm.load_engine.)"""
     if mode not in MODES:
         raise SugamError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
-    return "gguf" if checkpoint_format == "gguf" and device_type == "cpu" and dtype_is_bf16 else "none"
+    return "gguf" if checkpoint_format == "gguf" and device_type == "cpu" else "none"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
+from ..engine.runner import describe_path
 from ..engine.sequence import CompletionOutput, Logprob, RequestOutput
 from ..errors import SugamError
 from ..sampling_params import SamplingParams
@@ -103,7 +105,10 @@ class Server:
             try:
                 engine = self._load_engine()
                 self.engine = AsyncLLMEngine(engine)
-                log.info("model %s loaded; serving", self.config.model_name)
+                path = engine.runner.execution_path()
+                self.metrics.set_execution_path(path)
+                print(f"sugam: {self.config.model_name} loaded ({describe_path(path)}); serving",
+                      file=sys.stderr, flush=True)
             except Exception as exc:  # reported by /health and every /v1 call
                 log.exception("loading the model failed")
                 self.load_error = str(exc)
@@ -362,8 +367,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "sugam"}]}
+        model: dict[str, Any] = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "sugam"}
+        if server.engine is not None:  # the path chosen at load: CPU, kernels, weight formats, compute dtype
+            model["sugam_execution"] = server.engine.engine.runner.execution_path()
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from ..engine.llm_engine import EngineStats
 
@@ -29,6 +31,13 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("sugam_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("sugam_preemptions", "Sequences preempted since start", registry=r)
+        self.execution = Info("sugam_execution", "The path chosen at load: CPU, kernels, weights, compute dtype",
+                              registry=r)
+
+    def set_execution_path(self, path: dict[str, Any]) -> None:
+        labels = {k: str(v) for k, v in path.items() if k != "weights"}
+        labels["weights"] = ", ".join(f"{name} x{count}" for name, count in path["weights"].items())
+        self.execution.info(labels)
 
     def render(self, stats: EngineStats | None) -> bytes:
         if stats is not None:
