@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from gguf import GGMLQuantizationType
 
+from ..hardware import cpu_flags
+
 log = logging.getLogger(__name__)
 
 # GGML type name -> id (the kernels read the types in sugam/quant/gguf_pack.py and refuse others)
@@ -43,12 +45,7 @@ def cpu_supported() -> bool:
         return False
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    present = set(flags.split(":", 1)[1].split())
-    return all(flag in present for flag in _CPU_FLAGS)
+    return all(flag in cpu_flags() for flag in _CPU_FLAGS)
 
 
 @cache
@@ -62,11 +59,13 @@ def available() -> bool:
         from torch.utils.cpp_extension import load
 
         log.info("building sugam's CPU kernels (once, ~15 s)")
-        # PyTorch rebuilds when the listed sources or the flags change; the digest brings the shared
-        # header into that check.
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*")))).hexdigest()[:16]
-        load(name="sugam_cpu", sources=[str(s) for s in _SOURCES], is_python_module=False,
-             extra_cflags=[f"-DSUGAM_SOURCES_{digest}", "-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+        # One build folder per checkout and version of the sources (headers included): two sugam
+        # installs on one machine would otherwise rebuild over each other's library, even while
+        # another process has it loaded (seen as segfaults).
+        sources = b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*")))
+        digest = hashlib.sha256(str(_DIR.resolve()).encode() + sources).hexdigest()[:16]
+        load(name=f"sugam_cpu_{digest}", sources=[str(s) for s in _SOURCES], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                            "-mavx512bf16", "-mf16c", "-mfma"],
              extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no ninja, ...: PyTorch's kernels still work
