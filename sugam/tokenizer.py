@@ -55,6 +55,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary, merges and pre-tokenizer name."""
+    where = f"{spec.source}: " if spec.source else ""
     alphabet = _byte_alphabet()
     alphabet_chars = set(alphabet.values())
     tokens = spec.tokens or []
@@ -63,12 +64,15 @@ def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
                for t in tokens]
     vocab = {t: i for i, t in enumerate(spelled)}
     merges = []
-    for line in spec.merges or []:
+    for i, line in enumerate(spec.merges or []):
         left, sep, right = line.partition(" ")
         if not sep:
-            raise ModelFormatError(f"malformed BPE merge {line!r} in tokenizer metadata")
+            raise ModelFormatError(f"{where}tokenizer.ggml.merges[{i}] {line[:80]!r} is not two tokens apart")
         merges.append((left, right))
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as exc:  # tokenizers raises a bare Exception for a merge of unknown tokens
+        raise ModelFormatError(f"{where}tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({exc})") from exc
 
     pre = spec.pre_tokenizer or "default"
     if pre in _SPLITS:
@@ -81,7 +85,7 @@ def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
             steps + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         known = sorted([*_SPLITS, *_GPT2_LIKE])
-        raise ModelFormatError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(known)})")
+        raise ModelFormatError(f"{where}pre-tokenizer {pre!r} is not supported (known: {', '.join(known)})")
     tok.decoder = decoders.ByteLevel()
 
     types = spec.token_types or []
@@ -99,7 +103,10 @@ def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
         template.append(spelled[spec.eos_token_id])
         pairs.append((spelled[spec.eos_token_id], spec.eos_token_id))
     if pairs:
-        tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=pairs)
+        try:
+            tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=pairs)
+        except Exception as exc:  # e.g. a BOS token spelled with a space
+            raise ModelFormatError(f"{where}the BOS/EOS tokens cannot be added to prompts ({exc})") from exc
     return tok
 
 
@@ -111,7 +118,8 @@ class Tokenizer:
             try:
                 self._tok = HFTokenizer.from_str(spec.tokenizer_json)
             except Exception as exc:  # tokenizers raises plain Exception on bad JSON
-                raise ModelFormatError(f"tokenizer.json cannot be loaded: {exc}") from exc
+                where = spec.source or "tokenizer.json"
+                raise ModelFormatError(f"{where}: cannot be loaded: {exc}") from exc
         else:
             self._tok = build_gguf_tokenizer(spec)
         self.chat_template = spec.chat_template
