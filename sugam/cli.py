@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pull", help="download a model into the cache (sha256-checked)")
+    p = sub.add_parser("pull", help="download a model into the cache (sha256-checked)", epilog=EPILOG)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
 
     p = sub.add_parser("models", help="list downloaded models (--known: every alias)")
@@ -153,9 +153,13 @@ def _stream_answer(llm: Any, prompt_ids: list[int], params: Any) -> tuple[str, s
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    from .registry import pull
+    from pathlib import Path
+
+    from .registry import lookup_alias, pull
 
     path = pull(args.model)
+    if lookup_alias(args.model) is None and Path(args.model).expanduser().exists():
+        print(f"{path} is already on this machine; nothing to download", file=sys.stderr)
     print(path)
 
 

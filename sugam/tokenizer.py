@@ -7,19 +7,24 @@ tokens so they are matched whole. From an HF folder, tokenizer.json is loaded as
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import ModelFormatError, SugamError
+from .chat_template import (
+    RESERVED_TEMPLATE_VARIABLES,
+    ChatTemplateError,
+    TemplateLimitError,
+    TemplateLimits,
+    render_template,
+)
+from .errors import ModelFormatError
 from .loader.base import TokenizerSpec
+
+__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "TemplateLimitError", "Tokenizer", "build_gguf_tokenizer"]
 
 # Split patterns, by the GGUF `tokenizer.ggml.pre` name, of the byte-level BPE families we run.
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -50,6 +55,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary, merges and pre-tokenizer name."""
+    where = f"{spec.source}: " if spec.source else ""
     alphabet = _byte_alphabet()
     alphabet_chars = set(alphabet.values())
     tokens = spec.tokens or []
@@ -58,12 +64,15 @@ def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
                for t in tokens]
     vocab = {t: i for i, t in enumerate(spelled)}
     merges = []
-    for line in spec.merges or []:
+    for i, line in enumerate(spec.merges or []):
         left, sep, right = line.partition(" ")
         if not sep:
-            raise ModelFormatError(f"malformed BPE merge {line!r} in tokenizer metadata")
+            raise ModelFormatError(f"{where}tokenizer.ggml.merges[{i}] {line[:80]!r} is not two tokens apart")
         merges.append((left, right))
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as exc:  # tokenizers raises a bare Exception for a merge of unknown tokens
+        raise ModelFormatError(f"{where}tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({exc})") from exc
 
     pre = spec.pre_tokenizer or "default"
     if pre in _SPLITS:
@@ -76,7 +85,7 @@ def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
             steps + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         known = sorted([*_SPLITS, *_GPT2_LIKE])
-        raise ModelFormatError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(known)})")
+        raise ModelFormatError(f"{where}pre-tokenizer {pre!r} is not supported (known: {', '.join(known)})")
     tok.decoder = decoders.ByteLevel()
 
     types = spec.token_types or []
@@ -94,48 +103,11 @@ def build_gguf_tokenizer(spec: TokenizerSpec) -> HFTokenizer:
         template.append(spelled[spec.eos_token_id])
         pairs.append((spelled[spec.eos_token_id], spec.eos_token_id))
     if pairs:
-        tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=pairs)
+        try:
+            tok.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=pairs)
+        except Exception as exc:  # e.g. a BOS token spelled with a space
+            raise ModelFormatError(f"{where}the BOS/EOS tokens cannot be added to prompts ({exc})") from exc
     return tok
-
-
-class ChatTemplateError(SugamError):
-    """The chat template refused the messages (raise_exception) or failed to render."""
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training; we render it plainly."""
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(f"chat template: {message}")
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
-    # Jinja's own tojson escapes HTML characters, which changes the prompt text.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=8)
-def compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as exc:
-        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
 
 
 class Tokenizer:
@@ -146,10 +118,12 @@ class Tokenizer:
             try:
                 self._tok = HFTokenizer.from_str(spec.tokenizer_json)
             except Exception as exc:  # tokenizers raises plain Exception on bad JSON
-                raise ModelFormatError(f"tokenizer.json cannot be loaded: {exc}") from exc
+                where = spec.source or "tokenizer.json"
+                raise ModelFormatError(f"{where}: cannot be loaded: {exc}") from exc
         else:
             self._tok = build_gguf_tokenizer(spec)
         self.chat_template = spec.chat_template
+        self.template_limits = TemplateLimits()
         self.bos_token_id = spec.bos_token_id
         self.eos_token_id = spec.eos_token_id
         self.special_tokens: dict[str, str] = dict(spec.special_token_strings)
@@ -183,29 +157,31 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    add_generation_prompt: bool = True, chat_template: str | None = None,
-                    **template_kwargs: Any) -> str:
-        """The prompt text for a conversation, as the model's template writes it."""
+                    add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None, *,
+                    chat_template: str | None = None) -> str:
+        """The prompt text for a conversation, as the model's template writes it.
+
+        `template_kwargs` are extra template variables (e.g. enable_thinking) and may come from a
+        request; they can never name the template or the variables the renderer fills in.
+        `chat_template` overrides the model's template: for code that chose it, never for requests.
+        """
         source = chat_template or self.chat_template
         if not source:
             raise ChatTemplateError("this model has no chat template; pass raw prompts (or --raw) instead")
-        template = compile_chat_template(source)
-        context = {**self.special_tokens, **template_kwargs}
-        try:
-            return template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                   **context)
-        except ChatTemplateError:
-            raise
-        except jinja2.TemplateError as exc:  # includes sandbox SecurityError
-            raise ChatTemplateError(f"chat template failed: {exc}") from exc
-        except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
-            raise ChatTemplateError(f"chat template failed on these messages: {exc!r}") from exc
+        extra = dict(template_kwargs or {})
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(extra))
+        if reserved:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server renders "
+                                    "only the model's own chat template")
+        variables = {**self.special_tokens, **extra, "messages": messages, "tools": tools,
+                     "add_generation_prompt": add_generation_prompt}
+        return render_template(source, variables, self.template_limits)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = True, tools: list[dict[str, Any]] | None = None,
                             **template_kwargs: Any) -> list[int] | str:
         text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                **template_kwargs)
+                                template_kwargs=template_kwargs)
         # The template writes every special token itself (BOS included), as transformers assumes.
         return self.encode(text, add_special_tokens=False) if tokenize else text
 

@@ -13,7 +13,7 @@ def sugam(*args: str, stdin: str = "", home=None) -> subprocess.CompletedProcess
     env = dict(os.environ)
     if home is not None:
         env["SUGAM_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "sugam", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sugam", *args], input=stdin, check=False, capture_output=True,
                           text=True, timeout=300, env=env)
 
 
@@ -62,3 +62,33 @@ def test_models_lists_the_cache(tmp_path):
     assert out.returncode == 0 and "no models" in out.stdout
     known = sugam("models", "--known", home=tmp_path)
     assert "smollm2-135m-instruct" in known.stdout
+
+
+def test_pull_takes_local_paths_and_hub_ids(tmp_path):
+    model = tmp_path / "local.gguf"
+    model.write_bytes(b"GGUF")
+    out = sugam("pull", str(model), home=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == str(model), out.stderr
+    assert "nothing to download" in out.stderr and "not a file" not in out.stderr
+    env_offline = dict(os.environ, HF_HUB_OFFLINE="1", SUGAM_HOME=str(tmp_path))
+    hub = subprocess.run([sys.executable, "-m", "sugam", "pull", "hf:acme/missing"], check=False,
+                         capture_output=True, text=True, timeout=300, env=env_offline)
+    assert hub.returncode == 1 and "hf:acme/missing: not found" in hub.stderr, hub.stderr
+    assert "use hf:ORG/NAME" not in hub.stderr and "Traceback" not in hub.stderr
+
+
+def test_a_corrupted_gguf_is_one_line_naming_the_file_and_field(tmp_path):
+    import struct
+
+    from conftest import train_tokenizer
+    from gguf_layout import KV, read_layout, tiny_gguf, write_layout
+
+    layout = read_layout(tiny_gguf(tmp_path / "good.gguf", train_tokenizer()).read_bytes())
+    layout.kvs = [KV(kv.key, 4, struct.pack("<I", 0)) if kv.key == "qwen2.attention.head_count" else kv
+                  for kv in layout.kvs]
+    bad = tmp_path / "heads.gguf"
+    bad.write_bytes(write_layout(layout))
+    out = sugam("run", str(bad), "hi")
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert str(bad) in lines[0] and "attention.head_count must be a positive integer" in lines[0]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
-
 from conftest import build_hf_model
 from server_harness import metric, running_server, sse_events, wait_idle
 
@@ -25,6 +25,14 @@ PREOPENED_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
 
 
+# A model whose own template turns hostile on cue: the server must stop it and stay responsive.
+HOSTILE_TEMPLATE = (
+    "{% if messages[0]['content'] == 'slow' %}{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}"
+    "{% endfor %}{% endif %}{% if messages[0]['content'] == 'huge' %}{{ 'a' * 10**10 }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def regex_for(text: str) -> str:
     return "".join("\\" + c if c in "\\.^$|?*+()[]{}" else ("\\n" if c == "\n" else c) for c in text)
 
@@ -36,6 +44,8 @@ def tiny_folder(tmp_path_factory):
     (root / "qwen3ish" / "chat_template.jinja").write_text(QWEN3_TEMPLATE)
     shutil.copytree(root / "qwen3ish", root / "preopened")
     (root / "preopened" / "chat_template.jinja").write_text(PREOPENED_TEMPLATE)
+    shutil.copytree(root / "qwen3ish", root / "hostile")
+    (root / "hostile" / "chat_template.jinja").write_text(HOSTILE_TEMPLATE)
     return root
 
 
@@ -208,6 +218,12 @@ def test_tool_calls_streamed_and_not(server):
       {"schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}}}}, 400, "schema"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
     ({"messages": [{"role": "user", "content": "x"}], "unknown_field": 1, "max_tokens": 1}, 200, ""),
+    # a request never supplies the template, by any name
+    ({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}},
+     400, "chat_template_kwargs.chat_template"),
+    ({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": []}}, 400,
+     "chat_template_kwargs.messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 7 * 7 }}"}, 400, "chat_template"),
 ])
 def test_bad_requests_get_clear_4xx(server, body, status, needle):
     r = post(server, "chat/completions", body)
@@ -306,3 +322,37 @@ def test_streamed_completions_for_several_prompts_and_samples(server):
     finished = sorted(c["choices"][0]["index"] for c in events[:-1] if c["choices"] and c["choices"][0]["finish_reason"])
     assert finished == [0, 1, 2, 3]
     assert events[-2]["usage"]["prompt_tokens"] == 5 and events[-2]["usage"]["completion_tokens"] == 12
+
+
+def test_a_hostile_template_costs_its_own_request_only(tiny_folder):
+    """The model's own template runs away on cue. That request gets a 400 naming the limit; a
+    health check and a normal chat sent meanwhile complete in normal time."""
+    with running_server(str(tiny_folder / "hostile"), "--dtype", "float32") as (base, _):
+        normal = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+        assert httpx.post(f"{base}/v1/chat/completions", json=normal, timeout=120).status_code == 200  # warm up
+        start = time.monotonic()
+        assert httpx.post(f"{base}/v1/chat/completions", json=normal, timeout=60).status_code == 200
+        baseline = time.monotonic() - start
+
+        huge = httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "huge"}]})
+        assert huge.status_code == 400 and "10,000,000,000 characters" in huge.json()["error"]["message"]
+
+        slow_result: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: slow_result.append(httpx.post(
+            f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "slow"}]}, timeout=60)))
+        slow.start()
+        time.sleep(0.5)  # the slow render is under way
+        start = time.monotonic()
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        health = time.monotonic() - start
+        start = time.monotonic()
+        assert httpx.post(f"{base}/v1/chat/completions", json=normal, timeout=60).status_code == 200
+        chat_time = time.monotonic() - start
+        assert slow.is_alive(), "the hostile render should still be running"
+        slow.join()
+        error = slow_result[0].json()["error"]
+        assert slow_result[0].status_code == 400 and error["code"] == "chat_template_limit", error
+        assert "chat template stopped" in error["message"]
+        assert health < 0.5, health
+        assert chat_time < max(3 * baseline, baseline + 1.5), (chat_time, baseline)

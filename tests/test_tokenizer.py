@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CHATML, train_tokenizer
 
 from sugam.loader.base import TokenizerSpec
 from sugam.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
-from conftest import CHATML, train_tokenizer
 
 TEXTS = ["Hello world!", "你好，世界！🎉", "আমি বাংলায় গান গাই।", "emoji 👨‍👩‍👧 family", "x = 1_000 + 2"]
 
@@ -55,7 +55,8 @@ def test_chat_template_renders_with_specials_and_kwargs(tok):
 def test_template_helpers_and_sandbox(tok):
     template = ("{% if enable_thinking is defined and not enable_thinking %}NOTHINK{% endif %}"
                 "{{ tools | tojson }}|{{ strftime_now('%Y') | length }}|{{ eos_token }}")
-    out = tok.render_chat([], tools=[{"name": "f<x>"}], chat_template=template, enable_thinking=False)
+    out = tok.render_chat([], tools=[{"name": "f<x>"}], template_kwargs={"enable_thinking": False},
+                          chat_template=template)
     assert out == 'NOTHINK[{"name": "f<x>"}]|4|<|im_end|>'
     with pytest.raises(ChatTemplateError, match="only user"):
         tok.render_chat([], chat_template="{{ raise_exception('only user') }}")

@@ -30,6 +30,8 @@ class TokenizerSpec:
     chat_template: str | None = None
     # Special tokens an HF tokenizer_config.json names by string (bos_token, eos_token, ...).
     special_token_strings: dict[str, str] = field(default_factory=dict)
+    # The file the pieces came from, for error messages.
+    source: str | None = None
 
 
 @dataclass

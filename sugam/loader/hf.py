@@ -17,7 +17,6 @@ from ..quant.formats import INT4_GROUP, QuantizedWeight, quantize
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
 
-
 QUANT_PARTS = {part for parts in _PARTS.values() for part in parts}
 
 
@@ -29,6 +28,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path}: expected a JSON object")
     return data
+
+
+def _flag(folder: Path, tok_cfg: dict[str, Any], key: str) -> bool:
+    value = tok_cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):  # the string "false" must not read as True
+        raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: {key} must be true or false, not {value!r}")
+    return value
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -54,7 +62,12 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def open_hf_folder(folder: Path) -> LoadedCheckpoint:
-    config = ModelConfig.from_hf(_read_json(folder / "config.json"))
+    try:
+        config = ModelConfig.from_hf(_read_json(folder / "config.json"))
+    except ModelFormatError as exc:  # name the file: the config alone does not know it
+        message = str(exc)
+        raise ModelFormatError(message if message.startswith(str(folder)) else f"{folder / 'config.json'}: {message}") \
+            from None
     files = _weight_files(folder)
 
     tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
@@ -69,7 +82,10 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
     else:
         template = tok_cfg.get("chat_template")
     if isinstance(template, list):  # a list of named templates: take "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise ModelFormatError(f"{folder}: the chat template must be a string, not {type(template).__name__}")
 
     specials = {}
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -80,10 +96,11 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
             specials[key] = value
     spec = TokenizerSpec(
         tokenizer_json=tokenizer_file.read_text(encoding="utf-8"),
-        add_bos_token=bool(tok_cfg.get("add_bos_token", False)),
-        add_eos_token=bool(tok_cfg.get("add_eos_token", False)),
+        add_bos_token=_flag(folder, tok_cfg, "add_bos_token"),
+        add_eos_token=_flag(folder, tok_cfg, "add_eos_token"),
         chat_template=template,
         special_token_strings=specials,
+        source=str(tokenizer_file),
     )
 
     generation = GenerationDefaults(eos_token_ids=list(config.eos_token_ids))

@@ -15,26 +15,35 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..chat_template import RESERVED_TEMPLATE_VARIABLES
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
 from ..engine.runner import describe_path
 from ..engine.sequence import CompletionOutput, Logprob, RequestOutput
 from ..errors import SugamError
 from ..sampling_params import SamplingParams
-from ..tokenizer import ChatTemplateError
+from ..tokenizer import ChatTemplateError, TemplateLimitError, Tokenizer
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+)
 from .reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
 from .tools import ToolCallParser, extract_tool_calls, parse_call
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +53,10 @@ class ServerConfig:
     max_waiting: int = 256               # queued sequences beyond which new requests get 429
     max_body_bytes: int = 4 * 2**20      # larger request bodies get 413
     request_timeout: float = 600.0       # seconds a request may take before it is aborted
+    # Threads that render chat templates and tokenize prompts, off the event loop. Each render is
+    # bounded by the template limits (sugam/chat_template.py), so a slow one holds one thread for
+    # at most a few seconds; two keep a second request moving meanwhile on a small machine.
+    prompt_workers: int = 2
 
 
 class APIError(Exception):
@@ -99,6 +112,7 @@ class Server:
         self.engine: AsyncLLMEngine | None = None
         self.load_error: str | None = None
         self._load_engine = load_engine
+        self._prompt_pool = ThreadPoolExecutor(max_workers=config.prompt_workers, thread_name_prefix="sugam-prompt")
 
     def start_loading(self) -> None:
         def load() -> None:
@@ -115,7 +129,35 @@ class Server:
 
         threading.Thread(target=load, name="sugam-load", daemon=True).start()
 
+    def close(self) -> None:
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+
     # ---- helpers ------------------------------------------------------------------------------
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run CPU work (template rendering, tokenizing) in the prompt threads, so that the event
+        loop keeps answering other clients meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, work)
+
+    async def chat_prompt(self, tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None,
+                          template_kwargs: dict[str, Any] | None) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its token ids; template failures and limits are 400s."""
+        for key in sorted(RESERVED_TEMPLATE_VARIABLES):  # the template, or what the renderer fills in
+            if key in (template_kwargs or {}):
+                raise APIError(400, f"chat_template_kwargs may not set {key!r}: this server renders only the "
+                                    "model's own chat template", param=f"chat_template_kwargs.{key}")
+
+        def render() -> tuple[str, list[int]]:
+            text = tokenizer.render_chat(messages, tools=tools, add_generation_prompt=True,
+                                         template_kwargs=template_kwargs)
+            return text, tokenizer.encode(text, add_special_tokens=False)
+
+        try:
+            return await self.off_loop(render)
+        except TemplateLimitError as exc:
+            raise APIError(400, str(exc), param="messages", code="chat_template_limit") from exc
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
 
     def ready_engine(self) -> AsyncLLMEngine:
         if self.engine is None:
@@ -191,7 +233,7 @@ class Server:
                                         "and was stopped", code="timeout")
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
@@ -306,6 +348,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.start_loading()
         yield
+        server.close()
 
     app = FastAPI(title="sugam", version="0.1.0", description="OpenAI-compatible API for Qwen-family models",
                   lifespan=lifespan)
@@ -380,12 +423,11 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
         template_tools = tools if tools and choice != "none" else None
-        try:
-            prompt_text = tokenizer.render_chat(_template_messages(req.messages), tools=template_tools,
-                                                add_generation_prompt=True, **(req.chat_template_kwargs or {}))
-        except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
-        prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+        if req.chat_template is not None:
+            raise APIError(400, "chat_template is not accepted: this server renders only the model's own chat "
+                                "template", param="chat_template")
+        prompt_text, prompt = await server.chat_prompt(tokenizer, _template_messages(req.messages), template_tools,
+                                                       req.chat_template_kwargs)
         forced_call = template_tools is not None and (choice == "required" or isinstance(choice, dict))
         schema = _tool_call_schema(template_tools, choice) if forced_call else _response_schema(req.response_format)
         top = req.top_logprobs or 0
@@ -434,15 +476,14 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
             raise APIError(400, "suffix is not supported", param="suffix")
         tokenizer = engine.engine.tokenizer
         raw = req.prompt
-        if isinstance(raw, str):
-            prompts = [raw]
-        elif raw and all(isinstance(t, int) for t in raw):
+        if isinstance(raw, str) or raw and all(isinstance(t, int) for t in raw):
             prompts = [raw]
         else:
             prompts = list(raw)  # type: ignore[arg-type]
         if not prompts or len(prompts) > 64:
             raise APIError(400, "prompt must hold 1 to 64 prompts", param="prompt")
-        encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        encoded = await server.off_loop(lambda: [tokenizer.encode(p) if isinstance(p, str) else list(p)
+                                                 for p in prompts])
         vocab = engine.engine.model_config.vocab_size
         for ids in encoded:
             if not ids:

@@ -97,6 +97,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM takes a whole template from the request; sugam refuses it (a 400), rather than
+    # silently ignoring it, so that a client relying on it knows.
+    chat_template: Any = None
     max_thinking_tokens: int | None = Field(default=None, ge=0)
 
 
