@@ -292,3 +292,22 @@ def test_head_matmul_uses_kernels_in_row_chunks_without_a_dense_copy():
         assert torch.equal(out[i], head_matmul(x[i:i + 1], weight)[0])
     expected = x.float() @ weight.dequantize().t()
     assert (out.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_quantized_folder_tensors_are_aligned_for_the_kernels_wherever_the_file_puts_them(tiny_models, tmp_path):
+    """PyTorch's int8 kernel reads its codes with aligned vector loads; a safetensors file places tensors
+    wherever its header ends (a segfault once, when a metadata string changed length)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sugam.cli import main
+
+    folder = tmp_path / "q"
+    assert main(["quantize", str(tiny_models["qwen2"][0]), str(folder), "--quantization", "int8"]) == 0
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for pad in range(0, 64, 8):  # every header length modulo the 64-byte vector width
+        save_file(tensors, str(folder / "model.safetensors"), metadata={**meta, "pad": "x" * pad})
+        llm = LLM(str(folder), dtype="bfloat16")
+        assert all(b.data_ptr() % 64 == 0 for name, b in llm.engine.runner.model.named_buffers() if name.endswith(".q"))
+        assert greedy_with_logits(llm, [5, 17, 42], 2)[0]

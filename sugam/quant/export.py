@@ -72,7 +72,9 @@ def assemble(parts: dict[str, torch.Tensor], group: int) -> Int8Weight | Int4Wei
     """The quantized weight once all its stored parts are read, else None. int4 codes are packed for
     this CPU's kernel here (or become int8 where PyTorch's int4 packing is unknown)."""
     if set(parts) == set(PARTS["int8"]):
-        return Int8Weight(parts["q"], parts["scale"])
+        # A copy: PyTorch's int8 kernel reads the codes with aligned vector loads (a segfault otherwise),
+        # and a tensor read from a safetensors file starts wherever the file's header put it.
+        return Int8Weight(parts["q"].clone(), parts["scale"].clone())
     if set(parts) == set(PARTS["int4"]):
         codes, sz = unpack_codes(parts["codes"]), parts["scales_zeros"].to(torch.float32)
         scale, zero = sz[..., 0].t(), sz[..., 1].t()
