@@ -27,7 +27,9 @@ PREOPENED_TEMPLATE = (
 
 # A model whose own template turns hostile on cue: the server must stop it and stay responsive.
 HOSTILE_TEMPLATE = (
-    "{% if messages[0]['content'] == 'slow' %}{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}"
+    # 'slow': few steps, each summing 100k numbers, so that the wall-clock limit (seconds) stops it, not the
+    # step budget (which a fast idle machine spends in under a second: the test needs the overlap)
+    "{% if messages[0]['content'] == 'slow' %}{% for i in range(10**5) %}{{ range(10**5)|sum }}"
     "{% endfor %}{% endif %}{% if messages[0]['content'] == 'huge' %}{{ 'a' * 10**10 }}{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
