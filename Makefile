@@ -35,6 +35,7 @@ chat: pull
 	$(BIN)/sugam chat $(MODEL)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install

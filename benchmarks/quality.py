@@ -4,8 +4,11 @@
 
 Reference: transformers loads the GGUF (dequantized to fp32) and scores the text in the same
 windows (context 512, stride 256) as `sugam perplexity`. sugam is run in each --quantization mode:
-none (fp32, dense), gguf (the default on CPU: the file's own precision), int8 and int4. Each run
-is its own process. Writes benchmarks/results/quality.json and .md.
+none (fp32, dense), gguf (the default on CPU: the file's own precision), int8 and int4, and on each
+CPU path this machine can take: sugam's kernels, PyTorch's (SUGAM_NATIVE_KERNELS=0), bf16 or fp32
+compute, and ATen's kernels forced to AVX2 (ATEN_CPU_CAPABILITY=avx2, whose int4 packing differs).
+Each run is its own process. Writes benchmarks/results/quality.json and .md; rows measured on another
+CPU (the `cpu` column) are kept.
 """
 
 from __future__ import annotations
@@ -13,16 +16,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent / "data" / "quality.txt"
 CONTEXT, STRIDE = 512, 256
-MODES = [("none", "float32"), ("gguf", "bfloat16"), ("gguf-decode", "bfloat16"), ("int8", "bfloat16"),
-         ("int4", "bfloat16")]
+NO_KERNELS = {"SUGAM_NATIVE_KERNELS": "0"}
+AVX2 = {**NO_KERNELS, "ATEN_CPU_CAPABILITY": "avx2"}
+# (label, --quantization, --dtype, environment); "auto" dtype is what this CPU picks
+MODES = [("none", "none", "float32", {}), ("gguf", "gguf", "auto", {}), ("gguf-decode", "gguf", "auto", {}),
+         ("int8", "int8", "auto", {}), ("int4", "int4", "auto", {}),
+         ("gguf, PyTorch kernels", "gguf", "auto", NO_KERNELS),
+         ("gguf, PyTorch kernels, fp32", "gguf", "float32", NO_KERNELS),
+         ("gguf, ATen AVX2, fp32", "gguf", "float32", AVX2),
+         ("int4, ATen AVX2, fp32", "int4", "float32", AVX2)]
 
 
 def run_sugam(path: str, mode: str, dtype: str) -> dict:
@@ -39,8 +52,10 @@ def run_sugam(path: str, mode: str, dtype: str) -> dict:
     llm = LLM(path, dtype=dtype, quantization=mode, max_num_seqs=1, max_model_len=CONTEXT)
     start = time.perf_counter()
     result = llm.perplexity(TEXT.read_text(encoding="utf-8"), context=CONTEXT, stride=STRIDE)
+    runner = llm.engine.runner
     return {"mean_nll": result.mean_nll, "tokens": result.tokens_scored, "seconds": time.perf_counter() - start,
-            "weight_mb": llm.engine.runner.weight_bytes / 1e6}
+            "weight_mb": runner.weight_bytes / 1e6, "compute": str(runner.dtype).removeprefix("torch."),
+            "path": runner.execution_path()}
 
 
 def run_transformers(path: str) -> dict:
@@ -63,7 +78,10 @@ def run_transformers(path: str) -> dict:
     return {"mean_nll": total / count, "tokens": count, "seconds": time.perf_counter() - start_time}
 
 
-def child(kind: str, path: str, mode: str, dtype: str) -> None:
+def child(kind: str, path: str, label: str, dtype: str) -> None:
+    mode = next((m[1] for m in MODES if m[0] == label), label)
+    if label == "gguf-decode":
+        mode = label
     result = run_transformers(path) if kind == "transformers" else run_sugam(path, mode, dtype)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -76,40 +94,50 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
+    from sugam.hardware import cpu_model, native_bf16
     from sugam.registry import resolve
 
+    cpu = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if native_bf16() else 'emulated'})"
     rows = []
     for model in args.models:
         path = str(resolve(model))
-        runs = [("transformers", "fp32", "float32")] + [("sugam", mode, dtype) for mode, dtype in MODES]
+        runs = [("transformers", "fp32", "fp32", "float32", {})] + [("sugam", *m) for m in MODES]
         reference = None
-        for kind, mode, dtype in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", kind, path, mode, dtype],
-                                 capture_output=True, text=True)
+        for kind, label, _mode, dtype, env in runs:
+            out = subprocess.run([sys.executable, __file__, "--child", kind, path, label, dtype],
+                                 capture_output=True, text=True, env={**os.environ, **env})
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(out.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"{kind} {mode} failed on {model}")
+                raise SystemExit(f"{kind} {label} failed on {model}")
             r = json.loads(line[7:])
             reference = reference or r
-            row = {"model": model, "engine": kind, "mode": mode, "dtype": dtype, "tokens": r["tokens"],
-                   "perplexity": round(math.exp(r["mean_nll"]), 4),
+            path_info = r.get("path", {})
+            row = {"cpu": cpu, "model": model, "engine": kind, "mode": label, "dtype": r.get("compute", dtype),
+                   "kernels": path_info.get("kernels", ""), "aten": path_info.get("cpu_capability", ""),
+                   "tokens": r["tokens"], "perplexity": round(math.exp(r["mean_nll"]), 4),
                    "vs_transformers_fp32_pct": round((math.exp(r["mean_nll"] - reference["mean_nll"]) - 1) * 100, 3),
                    "weight_mb": round(r.get("weight_mb", 0)), "tok_s": round(r["tokens"] / r["seconds"], 1)}
             rows.append(row)
             print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
     previous = RESULTS / "quality.json"
-    if previous.is_file():  # keep the rows of models not re-run this time
-        kept = [r for r in json.loads(previous.read_text()) if r["model"] not in args.models]
+    if previous.is_file():  # keep the rows of models (or CPUs) not re-run this time
+        kept = [r for r in json.loads(previous.read_text())
+                if r["model"] not in args.models or r.get("cpu", cpu) != cpu]
         rows = kept + rows
     (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [f"Text: benchmarks/data/quality.txt, windows of {CONTEXT} tokens, stride {STRIDE}.", "",
-             "| model | engine | weights | compute | weights in memory MB | perplexity | vs transformers fp32 | tok/s scored |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['engine']} | {r['mode']} | {r['dtype']} | {r['weight_mb'] or ''} | "
-                     f"{r['perplexity']:.3f} | {r['vs_transformers_fp32_pct']:+.2f} % | {r['tok_s']} |")
+    lines = [f"Text: benchmarks/data/quality.txt, windows of {CONTEXT} tokens, stride {STRIDE}.", ""]
+    for cpu_name in dict.fromkeys(r.get("cpu", "unnamed CPU (before the cpu column)") for r in rows):
+        lines += [f"**{cpu_name}**", "",
+                  "| model | engine | weights | kernels | ATen | compute | weights in memory MB | perplexity "
+                  "| vs transformers fp32 | tok/s scored |", "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            if r.get("cpu", "unnamed CPU (before the cpu column)") == cpu_name:
+                lines.append(f"| {r['model']} | {r['engine']} | {r['mode']} | {r.get('kernels', '')} | "
+                             f"{r.get('aten', '')} | {r['dtype']} | {r['weight_mb'] or ''} | {r['perplexity']:.3f} | "
+                             f"{r['vs_transformers_fp32_pct']:+.2f} % | {r['tok_s']} |")
+        lines.append("")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

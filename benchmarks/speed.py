@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/speed.py [--model qwen2.5-coder-0.5b-instruct] [--engines sugam llamacpp transformers]
 
 Engines: sugam (default: the GGUF's own precision, weights stay quantized), sugam-int4 (every
-matrix requantized to int4: faster, lower quality; see benchmarks/quality.py), llama.cpp,
-transformers. For each engine, in a fresh process (so peak RSS is its own): prefill tok/s of a 512-token prompt,
+matrix requantized to int4: faster, lower quality; see benchmarks/quality.py), sugam-pytorch (sugam's
+own kernels off: PyTorch's int8/int4 kernels, the path of CPUs without AVX-512), sugam-avx2-emulated
+(that path as an AVX2 CPU takes it, fp32 compute, with ATen, oneDNN and MKL held to AVX2 on this CPU:
+an approximation of an AVX2 machine, not a measurement of one), llama.cpp, transformers. For each engine, in a fresh process (so peak RSS is its own): prefill tok/s of a 512-token prompt,
 time to first token, decode tok/s over 128 tokens (EOS ignored), peak RSS; medians of --repeats.
 "Bandwidth achieved" = bytes of weights read per decoded token x decode tok/s, printed next to the
 machine's bandwidth measured in the same run (median of probes taken before each engine and after). llama.cpp comes from `pip install llama-cpp-python`
@@ -39,10 +41,11 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def bench_sugam(path: str, repeats: int, quantization: str = "auto") -> dict:
+def bench_sugam(path: str, repeats: int, quantization: str = "auto", dtype: str = "auto") -> dict:
     from sugam import LLM, SamplingParams
 
-    llm = LLM(path, max_num_seqs=1, max_model_len=2048, enable_prefix_caching=False, quantization=quantization)
+    llm = LLM(path, max_num_seqs=1, max_model_len=2048, enable_prefix_caching=False, quantization=quantization,
+              dtype=dtype)
     weight_bytes = _sugam_bytes_read_per_token(llm.engine.runner.model)
     ids = prompt_ids()
     prefill, ttft, decode = [], [], []
@@ -165,7 +168,13 @@ def machine_bandwidth_samples(n: int = 3) -> list[float]:
 
 
 ENGINES = {"sugam": bench_sugam, "sugam-int4": lambda path, repeats: bench_sugam(path, repeats, "int4"),
+           "sugam-pytorch": bench_sugam,
+           "sugam-avx2-emulated": lambda path, repeats: bench_sugam(path, repeats, "gguf", "float32"),
            "llamacpp": bench_llamacpp, "transformers": bench_transformers}
+_NO_KERNELS = {"SUGAM_NATIVE_KERNELS": "0"}
+ENGINE_ENV = {"sugam-pytorch": _NO_KERNELS,
+              "sugam-avx2-emulated": {**_NO_KERNELS, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                      "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def child(engine: str, path: str, repeats: int) -> None:
@@ -182,6 +191,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--engines", nargs="+", default=["sugam", "sugam-int4", "llamacpp", "transformers"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tag", default="", help="suffix of the result files (keeps another run's tables)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -193,10 +203,10 @@ def main() -> None:
     rows = {}
     for engine in args.engines:
         probe += machine_bandwidth_samples()
-        env = dict(os.environ, OMP_NUM_THREADS="2")
+        env = dict(os.environ, OMP_NUM_THREADS="2", **ENGINE_ENV.get(engine, {}))
         out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", engine, path],
                              capture_output=True, text=True, env=env)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{engine}: skipped ({(out.stderr.strip().splitlines() or ['no output'])[-1][:200]})")
             continue
@@ -207,7 +217,13 @@ def main() -> None:
     probe += machine_bandwidth_samples()
     bandwidth = statistics.median(probe)
     base = rows.get("llamacpp")
-    table = [f"# Single-stream speed: {args.model}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s "
+    import torch
+
+    from sugam.hardware import cpu_model, native_bf16
+
+    cpu = (f"{cpu_model()} (ATen {torch.backends.cpu.get_cpu_capability()}, "
+           f"bf16 {'native' if native_bf16() else 'emulated'})")
+    table = [f"# Single-stream speed: {args.model}, {cpu}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s "
              f"(median of {len(probe)} probes, {min(probe):.0f}-{max(probe):.0f})", "",
              "| engine | decode tok/s | × llama.cpp | prefill tok/s (512) | × llama.cpp | weights read/token | "
              "bandwidth achieved | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -218,9 +234,9 @@ def main() -> None:
                      f"{r['weight_bytes'] / 1e9:.2f} GB | {r['bandwidth_gb_s']:.1f} GB/s "
                      f"({r['bandwidth_gb_s'] / bandwidth:.0%}) | {r['peak_rss_mb']:.0f} MB |")
     RESULTS.mkdir(exist_ok=True)
-    name = Path(args.model).stem if Path(args.model).exists() else args.model
+    name = (Path(args.model).stem if Path(args.model).exists() else args.model) + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"speed-{name}.json").write_text(json.dumps(
-        {"model": args.model, "machine_bandwidth_gb_s": bandwidth, "bandwidth_probes_gb_s": probe, "engines": rows}, indent=2) + "\n")
+        {"model": args.model, "cpu": cpu, "machine_bandwidth_gb_s": bandwidth, "bandwidth_probes_gb_s": probe, "engines": rows}, indent=2) + "\n")
     (RESULTS / f"speed-{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

@@ -106,7 +106,7 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Throughput: {args.model} (--quantization {args.quantization}), {args.num_requests} requests, prompts {args.prompt_len[0]}-"
              f"{args.prompt_len[1]} tokens, {args.output_len} output tokens", "",
-             "| concurrency | seconds | output tok/s | × concurrency {} |".format(args.concurrency[0]),
+             f"| concurrency | seconds | output tok/s | × concurrency {args.concurrency[0]} |",
              "|---:|---:|---:|---:|"]
     lines += [f"| {r['concurrency']} | {r['seconds']} | {r['output_tok_s']} | {r['ratio_vs_first']} |" for r in runs]
     lines += ["", f"Decode-bound: {decode_bound['concurrency']} concurrent requests with 16-token prompts and "

@@ -8,8 +8,8 @@ rest of each window is context), as the usual sliding-window evaluation does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

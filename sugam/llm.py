@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -94,7 +96,7 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
-    def perplexity(self, text: str, context: int = 512, stride: int | None = None) -> "PerplexityResult":
+    def perplexity(self, text: str, context: int = 512, stride: int | None = None) -> PerplexityResult:
         """Mean NLL and perplexity of `text` in sliding windows (see sugam.evaluate)."""
         from .evaluate import perplexity
 

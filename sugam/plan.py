@@ -56,7 +56,7 @@ class ModelShape:
     kv_vector_size: int = 128          # elements per cached vector (head_dim); an int8 cache adds a scale to each
 
     @classmethod
-    def from_config(cls, name: str, cfg: ModelConfig) -> "ModelShape":
+    def from_config(cls, name: str, cfg: ModelConfig) -> ModelShape:
         return cls(name, dense_params(cfg), cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
                    cfg.num_hidden_layers, 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.context_length,
                    kv_vector_size=cfg.head_dim)
@@ -144,10 +144,10 @@ def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None,
     return rows
 
 
-def gguf_weight_bytes(gguf: "GGUFFile", tied_embeddings: bool) -> int:
+def gguf_weight_bytes(gguf: GGUFFile, tied_embeddings: bool) -> int:
     """Bytes sugam's default (--quantization gguf) keeps in memory for this file's tensors."""
-    from .loader.gguf import hf_name
     from . import native
+    from .loader.gguf import hf_name
     from .quant.formats import stored_bytes
     from .quant.gguf_pack import packed_row_bytes
     from .quant.policy import weight_chooser

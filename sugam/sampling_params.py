@@ -64,7 +64,7 @@ class SamplingParams:
             if not ok:
                 raise InvalidRequestError(message)
 
-    def with_defaults(self, defaults: "object") -> "SamplingParams":
+    def with_defaults(self, defaults: object) -> SamplingParams:
         """A copy where unset fields take the model's defaults, then the engine's."""
         def pick(name: str, fallback: float | int | None) -> float | int | None:
             value = getattr(self, name)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_hf_model, greedy_with_logits, train_tokenizer
+from gguf_writer import write_gguf
 
 from sugam import LLM, hardware
 from sugam.quant.formats import _KNOWN_LAYOUTS, pack_codes, unpack_codes
-from conftest import build_hf_model, greedy_with_logits, train_tokenizer
-from gguf_writer import write_gguf
 
 PROBE = Path(__file__).parent / "path_probe.py"
 CAPABILITIES = ["default", "avx2", "avx512"]
@@ -181,7 +181,7 @@ def _same_as_earlier(index: int) -> str | None:
         _, env, dtype, quantization, _ = path
         if dtype == "auto":
             dtype = "bfloat16" if hardware.native_bf16() else "float32"
-        return tuple(sorted(env.items())), dtype, quantization
+        return tuple(sorted(env.items())), dtype, "gguf" if quantization == "auto" else quantization
     return next((p[0] for p in PATHS[:index] if effective(p) == effective(PATHS[index])), None)
 
 

@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
+from conftest import build_hf_model
 
 from sugam import LLM, SamplingParams
 from sugam.errors import ModelFormatError
 from sugam.loader import open_checkpoint
-from conftest import build_hf_model
 
 PROMPT = [5, 17, 42, 99, 7, 3]
 

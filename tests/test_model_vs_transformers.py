@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_hf_model, greedy_with_logits
 
 from sugam import LLM, SamplingParams
-from conftest import build_hf_model, greedy_with_logits
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 33, 8]
 STEPS = 21  # the prefill's token + 20 decode steps through the paged cache

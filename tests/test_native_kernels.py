@@ -10,8 +10,8 @@ from gguf import GGMLQuantizationType as QT
 
 from sugam import native
 from sugam.quant.formats import PackedGGUFWeight
-from sugam.quant.linear import PACKED_KERNEL_MAX_ROWS, quantized_matmul
 from sugam.quant.gguf_pack import FILE_BLOCKS, pack_rows, packed_row_bytes
+from sugam.quant.linear import PACKED_KERNEL_MAX_ROWS, quantized_matmul
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="sugam's CPU kernels do not run on this machine")
 
@@ -150,10 +150,11 @@ def _step_logits(llm, prompts: list[list[int]], steps: int) -> list[torch.Tensor
 def test_native_decoder_gives_the_python_layers_results_exactly(tmp_path, monkeypatch, case):
     """Decode steps through sugam/native/decoder.cpp (all layers in one call) must equal the Python
     layers bit for bit: same kernels, same ops, same rounding, for every structure it takes."""
-    from sugam import LLM
-    from sugam.models import native_decode
     from conftest import build_hf_model, train_tokenizer
     from gguf_writer import write_gguf
+
+    from sugam import LLM
+    from sugam.models import native_decode
 
     arch = case.split("-")[0]
     shape = {} if arch == "qwen3" else {"hidden_size": 128}  # head_dim 32 (the decoder needs a multiple of 32)
@@ -186,9 +187,10 @@ def test_native_decoder_gives_the_python_layers_results_exactly(tmp_path, monkey
 
 
 def test_native_decoder_only_where_its_kernels_apply(tmp_path):
-    from sugam import LLM
     from conftest import build_hf_model, train_tokenizer
     from gguf_writer import write_gguf
+
+    from sugam import LLM
 
     model = build_hf_model(tmp_path / "hf", "qwen2", hidden_size=128, intermediate_size=256)
     path = tmp_path / "m.gguf"

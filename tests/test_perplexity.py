@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import CORPUS
 
 from sugam import LLM
 from sugam.evaluate import window_spans
-from conftest import CORPUS
 
 TEXT = " ".join(CORPUS * 6)
 

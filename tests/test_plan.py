@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from sugam.plan import KNOWN, kv_bytes_per_token, plan, resolve_shape
 from sugam.config import ModelConfig
-from sugam.plan import dense_params
+from sugam.plan import KNOWN, dense_params, kv_bytes_per_token, plan, resolve_shape
 
 
 def test_parameter_counts_match_transformers(tiny_models):

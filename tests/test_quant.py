@@ -6,17 +6,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf_model, greedy_with_logits, train_tokenizer
 from gguf import GGMLQuantizationType as QT
+from gguf_writer import write_gguf
 
-from sugam import LLM
+from sugam import LLM, native
 from sugam.loader.gguf import GGUFFile
-from sugam import native
 from sugam.quant import Int4Weight, Int8Weight, QuantizedLinear, quantize_int4, quantize_int8
 from sugam.quant.formats import pack_int4, quantize
 from sugam.quant.gguf_repack import four_bit_groups, repack
 from sugam.quant.linear import KERNEL_MAX_ROWS, quantized_matmul
-from conftest import build_hf_model, greedy_with_logits, train_tokenizer
-from gguf_writer import write_gguf
 
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q4_K: 144}
 BLOCK_VALUES = {QT.Q4_0: 32, QT.Q4_1: 32, QT.Q4_K: 256}

@@ -6,7 +6,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-
 from conftest import build_hf_model
 from server_harness import running_server
 

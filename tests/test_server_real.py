@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from server_harness import running_server, wait_idle
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ..sampling_params import SamplingParams
 from .llm_engine import EngineStats, LLMEngine

@@ -24,8 +24,8 @@ from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampler import Sampler
-from .structured import GrammarCompiler
 from .sequence import RequestOutput, Sequence, SequenceStatus
+from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 

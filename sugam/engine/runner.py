@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import native as native_kernels
 from ..config import ModelConfig
+from ..hardware import cpu_model, native_bf16
 from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
 from ..models.native_decode import NativeDecoder
-from .. import native as native_kernels
-from ..hardware import cpu_model, native_bf16
 from ..quant.formats import int4_layout
 from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
 from ..quant.policy import resolve_mode, weight_chooser

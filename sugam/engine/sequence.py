@@ -55,7 +55,7 @@ class Sequence:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, tokenizer: Tokenizer, eos_token_ids: list[int],
-                 max_total_tokens: int, generator: torch.Generator, grammar: "GrammarMatcher | None" = None,
+                 max_total_tokens: int, generator: torch.Generator, grammar: GrammarMatcher | None = None,
                  think_token_ids: tuple[int, int] | None = None):
         self.request_id = request_id
         self.prompt = prompt

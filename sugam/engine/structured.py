@@ -28,7 +28,7 @@ class GrammarCompiler:
                 _TokenBytes(self._tokenizer, self._vocab_size, self._eos)))
         return self._ll_tokenizer
 
-    def matcher(self, json_schema: dict[str, Any] | None = None, regex: str | None = None) -> "GrammarMatcher":
+    def matcher(self, json_schema: dict[str, Any] | None = None, regex: str | None = None) -> GrammarMatcher:
         import llguidance
 
         what = "JSON schema" if json_schema is not None else "regex"

@@ -39,7 +39,7 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, query_lens: list[int], context_lens: list[int],
-              block_tables: list[torch.Tensor]) -> "AttentionMetadata":
+              block_tables: list[torch.Tensor]) -> AttentionMetadata:
         starts, masks, offset = [], [], 0
         device = slot_mapping.device
         for q_len, ctx_len in zip(query_lens, context_lens):

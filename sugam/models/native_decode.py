@@ -19,6 +19,7 @@ from .. import native
 from ..layers.attention import AttentionMetadata, KVCache
 from ..quant.linear import PACKED_KERNEL_MAX_ROWS, QuantizedLinear
 
+
 def _layer_matrices(layer: nn.Module) -> list[QuantizedLinear | None]:
     """The layer's projections in decoder.cpp's slots: q|k|v as one, two (q|k, v) or three matrices,
     then o, gate|up as one or two, down."""
@@ -52,7 +53,7 @@ class NativeDecoder:
                            attn.q_norm.weight if attn.qk_norm else None, attn.k_norm.weight if attn.qk_norm else None]
 
     @classmethod
-    def build(cls, model: nn.Module) -> "NativeDecoder | None":
+    def build(cls, model: nn.Module) -> NativeDecoder | None:
         """A decoder for this model, or None where the native decoder cannot run it."""
         cfg = model.config
         params = list(model.parameters())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -17,8 +17,16 @@ import torch
 
 from ..errors import ModelFormatError, SugamError
 from ..loader.base import LoadedCheckpoint
-from .formats import (INT4_GROUP, Int4Weight, Int8Weight, int4_supported, pack_codes, pack_int4, quantize_int8,
-                      unpack_codes)
+from .formats import (
+    INT4_GROUP,
+    Int4Weight,
+    Int8Weight,
+    int4_supported,
+    pack_codes,
+    pack_int4,
+    quantize_int8,
+    unpack_codes,
+)
 from .policy import weight_chooser
 
 METADATA_KEY = "sugam_quantization"

@@ -116,7 +116,7 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scale.to(torch.float32)[:, None]).to(dtype)
 
-    def rows(self, start: int, end: int) -> "Int8Weight":
+    def rows(self, start: int, end: int) -> Int8Weight:
         return Int8Weight(self.q[start:end], self.scale[start:end])
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -143,7 +143,7 @@ class Int4Weight:
         zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
         return ((self.codes().to(torch.float32) - 8) * scale + zero).to(dtype)
 
-    def rows(self, start: int, end: int) -> "Int4Weight":
+    def rows(self, start: int, end: int) -> Int4Weight:
         """Output rows start:end (whole 64-row blocks), sharing memory where the layout allows."""
         return Int4Weight(self.packed[start:end], self.scales_zeros[:, start:end], self.group)
 
