@@ -65,7 +65,10 @@ class TemplateLimitError(ChatTemplateError):
 
     def __init__(self, limit: str, message: str):
         super().__init__(f"chat template stopped: {message}")
-        self.limit = limit
+        self.limit, self.detail = limit, message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses the process boundary from the server's render workers
+        return type(self), (self.limit, self.detail)
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,15 @@ class Tokenizer:
         request; they can never name the template or the variables the renderer fills in.
         `chat_template` overrides the model's template: for code that chose it, never for requests.
         """
+        source, variables = self.chat_variables(messages, tools, add_generation_prompt, template_kwargs,
+                                                chat_template=chat_template)
+        return render_template(source, variables, self.template_limits)
+
+    def chat_variables(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                       add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None, *,
+                       chat_template: str | None = None) -> tuple[str, dict[str, Any]]:
+        """The template source and the variables `render_chat` renders it with (plain, picklable
+        values: the server renders them in a worker process)."""
         source = chat_template or self.chat_template
         if not source:
             raise ChatTemplateError("this model has no chat template; pass raw prompts (or --raw) instead")
@@ -175,7 +184,7 @@ class Tokenizer:
                                     "only the model's own chat template")
         variables = {**self.special_tokens, **extra, "messages": messages, "tools": tools,
                      "add_generation_prompt": add_generation_prompt}
-        return render_template(source, variables, self.template_limits)
+        return source, variables
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = True, tools: list[dict[str, Any]] | None = None,

@@ -40,6 +40,7 @@ from .protocol import (
     ResponseFormat,
 )
 from .reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
+from .templates import TemplateRenderer
 from .tools import ToolCallParser, extract_tool_calls, parse_call
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ class ServerConfig:
     max_waiting: int = 256               # queued sequences beyond which new requests get 429
     max_body_bytes: int = 4 * 2**20      # larger request bodies get 413
     request_timeout: float = 600.0       # seconds a request may take before it is aborted
-    # Threads that render chat templates and tokenize prompts, off the event loop. Each render is
-    # bounded by the template limits (sugam/chat_template.py), so a slow one holds one thread for
-    # at most a few seconds; two keep a second request moving meanwhile on a small machine.
+    # Threads that tokenize prompts off the event loop, and processes that render chat templates
+    # (sugam/serve/templates.py: a render in a thread would hold the GIL the engine needs). Each
+    # render is bounded by the template limits (sugam/chat_template.py), so a slow one holds one
+    # worker for at most a few seconds; two keep a second request moving meanwhile.
     prompt_workers: int = 2
 
 
@@ -113,6 +115,11 @@ class Server:
         self.load_error: str | None = None
         self._load_engine = load_engine
         self._prompt_pool = ThreadPoolExecutor(max_workers=config.prompt_workers, thread_name_prefix="sugam-prompt")
+        self.templates = TemplateRenderer(workers=config.prompt_workers)
+
+    def start_templates(self) -> None:
+        seconds = self.templates.start()
+        log.info("chat template workers started in %.2f s", seconds)
 
     def start_loading(self) -> None:
         def load() -> None:
@@ -131,6 +138,7 @@ class Server:
 
     def close(self) -> None:
         self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+        self.templates.close()
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -147,13 +155,12 @@ class Server:
                 raise APIError(400, f"chat_template_kwargs may not set {key!r}: this server renders only the "
                                     "model's own chat template", param=f"chat_template_kwargs.{key}")
 
-        def render() -> tuple[str, list[int]]:
-            text = tokenizer.render_chat(messages, tools=tools, add_generation_prompt=True,
-                                         template_kwargs=template_kwargs)
-            return text, tokenizer.encode(text, add_special_tokens=False)
-
         try:
-            return await self.off_loop(render)
+            source, variables = tokenizer.chat_variables(messages, tools=tools, add_generation_prompt=True,
+                                                         template_kwargs=template_kwargs)
+            # Rendered in a worker process (sugam/serve/templates.py), tokenized here.
+            text = await self.templates.render(source, variables, tokenizer.template_limits)
+            return text, await self.off_loop(lambda: tokenizer.encode(text, add_special_tokens=False))
         except TemplateLimitError as exc:
             raise APIError(400, str(exc), param="messages", code="chat_template_limit") from exc
         except ChatTemplateError as exc:
@@ -347,6 +354,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.start_loading()
+        await asyncio.to_thread(server.start_templates)  # before serving, so no request pays the spawn
         yield
         server.close()
 
