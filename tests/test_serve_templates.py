@@ -12,7 +12,12 @@ import time
 import pytest
 from test_chat_template import QWEN_SHAPED
 
-from sugam.chat_template import ChatTemplateError, TemplateLimitError, TemplateLimits, render_template
+from sugam.chat_template import (
+    ChatTemplateError,
+    TemplateLimitError,
+    TemplateLimits,
+    render_template,
+)
 from sugam.serve.templates import TemplateRenderer
 
 SLOW = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
