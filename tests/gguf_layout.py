@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf_writer import add_tokenizer, write_out
 
 SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY = 8, 9
@@ -140,13 +141,7 @@ def write_layout(layout: Layout, n_tensors: int | None = None, n_kv: int | None 
 def tiny_gguf(path: Path, tokenizer, arch: str = "qwen2", hidden: int = 64, layers: int = 2, heads: int = 4,
               kv_heads: int = 2, ffn: int = 128, seed: int = 0, chat_template: str | None = None) -> Path:
     """A random Qwen2- or Llama-shaped GGUF: Q8_0 attention and MLP matrices, F32 the rest."""
-    import json
-
     rng = np.random.default_rng(seed)
-    vocab = tokenizer.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
     head_dim = hidden // heads
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in (("block_count", layers), ("context_length", 256), ("embedding_length", hidden),
@@ -155,15 +150,7 @@ def tiny_gguf(path: Path, tokenizer, arch: str = "qwen2", hidden: int = 64, laye
         w.add_uint32(f"{arch}.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "qwen2")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.token_type", [3 if t in specials else 1 for t in tokens])
-    w.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_uint32("tokenizer.ggml.eos_token_id", vocab["<|im_end|>"])
-    w.add_bool("tokenizer.ggml.add_bos_token", False)
-    if chat_template:
-        w.add_string("tokenizer.chat_template", chat_template)
+    vocab_size = add_tokenizer(w, tokenizer, "qwen2", chat_template)
 
     def matrix(name: str, rows: int, cols: int) -> None:
         data = rng.standard_normal((rows, cols), dtype=np.float32) * 0.1
@@ -173,7 +160,7 @@ def tiny_gguf(path: Path, tokenizer, arch: str = "qwen2", hidden: int = 64, laye
     def vector(name: str, size: int) -> None:
         w.add_tensor(name, (1 + 0.1 * rng.standard_normal(size)).astype(np.float32))
 
-    w.add_tensor("token_embd.weight", rng.standard_normal((len(tokens), hidden), dtype=np.float32) * 0.1)
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab_size, hidden), dtype=np.float32) * 0.1)
     for i in range(layers):
         vector(f"blk.{i}.attn_norm.weight", hidden)
         for part, rows in (("attn_q", heads * head_dim), ("attn_k", kv_heads * head_dim), ("attn_v", kv_heads * head_dim)):
@@ -186,8 +173,5 @@ def tiny_gguf(path: Path, tokenizer, arch: str = "qwen2", hidden: int = 64, laye
         matrix(f"blk.{i}.ffn_up.weight", ffn, hidden)
         matrix(f"blk.{i}.ffn_down.weight", hidden, ffn)
     vector("output_norm.weight", hidden)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path

@@ -49,19 +49,7 @@ def write_gguf(path: Path, model, tokenizer, pre: str = "qwen2", chat_template: 
     w.add_float32(f"{arch}.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
 
-    vocab = tokenizer.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", pre)
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.token_type", [3 if t in specials else 1 for t in tokens])
-    w.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_uint32("tokenizer.ggml.eos_token_id", vocab["<|im_end|>"])
-    w.add_bool("tokenizer.ggml.add_bos_token", False)
-    if chat_template:
-        w.add_string("tokenizer.chat_template", chat_template)
+    add_tokenizer(w, tokenizer, pre, chat_template)
 
     state = model.state_dict()
     for name, tensor in state.items():
@@ -77,6 +65,29 @@ def write_gguf(path: Path, model, tokenizer, pre: str = "qwen2", chat_template: 
             w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gguf_name(name), np.ascontiguousarray(data, dtype=np.float32))
+    write_out(w)
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tokenizer, pre: str = "qwen2", chat_template: str | None = None) -> int:
+    """The `tokenizers` BPE as GGUF tokenizer metadata (eos <|im_end|>, no BOS); returns the vocabulary size."""
+    vocab = tokenizer.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", pre)
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", [3 if t in specials else 1 for t in tokens])
+    w.add_array("tokenizer.ggml.merges", [m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_uint32("tokenizer.ggml.eos_token_id", vocab["<|im_end|>"])
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    if chat_template:
+        w.add_string("tokenizer.chat_template", chat_template)
+    return len(tokens)
+
+
+def write_out(w: gguf.GGUFWriter) -> None:
+    """Header, metadata and tensors to the file, then close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

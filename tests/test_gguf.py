@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CHATML, build_hf_model, greedy_with_logits, train_tokenizer
-from gguf_writer import dequantized_copy, write_gguf
+from gguf_writer import dequantized_copy, write_gguf, write_out
 
 from sugam import LLM
 from sugam.errors import ModelFormatError
@@ -103,19 +103,13 @@ def test_huge_string_length_is_refused(tmp_path):
 def test_unsupported_tensor_type_and_architecture(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "qwen2")
     w.add_tensor("token_embd.weight", np.zeros((4, 84), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
-    _write(w)
+    write_out(w)
     with pytest.raises(ModelFormatError, match="Q2_K"):
         GGUFFile(tmp_path / "t.gguf")
 
     w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "mamba")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    _write(w)
+    write_out(w)
     with pytest.raises(ModelFormatError, match="unsupported architecture 'mamba'"):
         open_gguf(tmp_path / "a.gguf")
 
-
-def _write(w) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
