@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent / "data" / "quality.txt"
 CONTEXT, STRIDE = 512, 256
@@ -94,10 +92,10 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from sugam.hardware import cpu_model, native_bf16
+    from sugam.hardware import cpu_label
     from sugam.registry import resolve
 
-    cpu = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if native_bf16() else 'emulated'})"
+    cpu = cpu_label()
     rows = []
     for model in args.models:
         path = str(resolve(model))

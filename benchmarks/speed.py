@@ -217,12 +217,9 @@ def main() -> None:
     probe += machine_bandwidth_samples()
     bandwidth = statistics.median(probe)
     base = rows.get("llamacpp")
-    import torch
+    from sugam.hardware import cpu_label
 
-    from sugam.hardware import cpu_model, native_bf16
-
-    cpu = (f"{cpu_model()} (ATen {torch.backends.cpu.get_cpu_capability()}, "
-           f"bf16 {'native' if native_bf16() else 'emulated'})")
+    cpu = cpu_label()
     table = [f"# Single-stream speed: {args.model}, {cpu}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s "
              f"(median of {len(probe)} probes, {min(probe):.0f}-{max(probe):.0f})", "",
              "| engine | decode tok/s | × llama.cpp | prefill tok/s (512) | × llama.cpp | weights read/token | "

@@ -74,7 +74,7 @@ def cpu_compute_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
-def cpu_summary() -> str:
-    """One line naming the CPU and what PyTorch's kernels use on it, for logs and benchmark tables."""
-    return (f"{cpu_model()}, {torch.get_num_threads()} threads, ATen capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if native_bf16() else 'emulated'}")
+def cpu_label() -> str:
+    """The CPU and what PyTorch's kernels use on it, for benchmark tables: "AMD EPYC (ATen AVX512, bf16 native)"."""
+    return (f"{cpu_model()} (ATen {torch.backends.cpu.get_cpu_capability()}, "
+            f"bf16 {'native' if native_bf16() else 'emulated'})")

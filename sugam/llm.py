@@ -16,7 +16,7 @@ from .engine.sequence import RequestOutput
 from .errors import SugamError
 from .hardware import cpu_compute_dtype
 from .loader import open_checkpoint
-from .quant.policy import resolve_mode
+from .quant.policy import checkpoint_mode
 from .registry import DEFAULT_MODEL, apply_alias_defaults, resolve
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
     mode = config.quantization
     if mode == "auto" and dtype != "auto" and pick_dtype(dtype, dev) == torch.float32:
         mode = "none"  # an explicit float32 asks for the exact dense reference path
-    mode = checkpoint.info.get("sugam_quantization") or resolve_mode(mode, checkpoint.info.get("format", ""), dev.type)
+    mode = checkpoint_mode(mode, checkpoint.info, dev.type)
     config = dataclasses.replace(config, quantization=mode)
     return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config)
 

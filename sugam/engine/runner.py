@@ -19,7 +19,7 @@ from ..models import CausalLM
 from ..models.native_decode import NativeDecoder
 from ..quant.formats import int4_layout
 from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
-from ..quant.policy import resolve_mode, weight_chooser
+from ..quant.policy import checkpoint_mode, weight_chooser
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ class ModelRunner:
                  quantization: str = "auto"):
         self.config = checkpoint.config
         self.device, self.dtype = device, dtype
-        self.quantization = resolve_mode(quantization, checkpoint.info.get("format", ""), device.type)
-        stored = checkpoint.info.get("sugam_quantization")
-        if stored:  # a `sugam quantize` folder: its matrices arrive quantized whatever the mode
-            self.quantization = stored
+        self.quantization = checkpoint_mode(quantization, checkpoint.info, device.type)
         with torch.device("meta"):
             model = CausalLM(self.config).to(dtype)
         # Parameters get real, uninitialised storage in the final dtype, then the checkpoint fills
@@ -127,10 +124,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
 
 
+def format_weights(weights: dict[str, int]) -> str:
+    """{"packed Q5_0": 72, ...} -> "packed Q5_0 x72, ..." """
+    return ", ".join(f"{name} x{count}" for name, count in weights.items())
+
+
 def describe_path(path: dict[str, Any]) -> str:
     """One line for logs and the terminal, e.g. "cpu AMD EPYC (AVX512, bf16 native), sugam AVX-512 kernels,
     gguf weights: packed Q5_0 x120, ..., compute bfloat16"."""
-    weights = ", ".join(f"{name} x{count}" for name, count in path["weights"].items())
+    weights = format_weights(path["weights"])
     if path["device"] != "cpu":
         where = path["device"]
     else:

@@ -31,7 +31,6 @@ from .policy import weight_chooser
 
 METADATA_KEY = "sugam_quantization"
 INT4_LAYOUT = "column-pairs"   # codes of columns 2j (low nibble) and 2j + 1 (high) in byte j
-_OLD_INT4_LAYOUT = "torch-cpu-int4pack"  # sugam before this layout: the packing of the CPU that wrote it
 PARTS = {"int8": ("q", "scale"), "int4": ("codes", "scales_zeros")}
 
 

@@ -40,12 +40,6 @@ class Int4Layout:
     block_rows: int
     adjacent: bool
 
-    def row_of(self, byte: int, high: bool) -> int:
-        """Row within the block of the nibble (byte, low/high) of one input column."""
-        if self.adjacent:
-            return 2 * byte + int(high)
-        return byte + int(high) * self.block_rows // 2
-
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """uint8 codes [out, in] -> packed bytes [out, in // 2] in this layout (the kernel's own packer
         is used for real weights; this one states the layout, for the probe and the tests)."""
@@ -135,7 +129,7 @@ class Int4Weight:
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes as uint8 [out, in], undoing this CPU's packing."""
-        return _layout().unpack(self.packed)
+        return known_int4_layout().unpack(self.packed)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         sz = self.scales_zeros.to(torch.float32)
@@ -151,7 +145,8 @@ class Int4Weight:
         return {"packed": self.packed, "scales_zeros": self.scales_zeros}
 
 
-def _layout() -> Int4Layout:
+def known_int4_layout() -> Int4Layout:
+    """int4_layout() where an Int4Weight exists (never None there)."""
     layout = int4_layout()
     if layout is None:  # int4_supported() keeps every Int4Weight from being made on such a CPU
         raise RuntimeError("PyTorch's int4 packing is unknown on this CPU")

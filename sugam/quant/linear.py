@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from .formats import INT4_ROW_BLOCK, GGUFRows, Int4Weight, Int8Weight, PackedGGUFWeight, QuantizedWeight, int4_layout
+from .formats import (
+    INT4_ROW_BLOCK,
+    GGUFRows,
+    Int4Weight,
+    Int8Weight,
+    PackedGGUFWeight,
+    QuantizedWeight,
+    known_int4_layout,
+)
 
 # Up to this many rows the weight-only kernels win; above it, dequantize + GEMM.
 KERNEL_MAX_ROWS = 32
@@ -81,8 +89,7 @@ def _dequantized_transpose(weight: Int8Weight | Int4Weight, dtype: torch.dtype,
     # unpacking to W [out, in]). Operands of one dtype keep every op on its fast path (mixed dtypes or
     # broadcasts of another dtype are 3-4x slower); codes - 8 and the bf16 scale and zero are exact in
     # bf16 and fp32, so only the result is rounded, as in the kernel.
-    layout = int4_layout()
-    assert layout is not None  # an Int4Weight is only made where the layout is known
+    layout = known_int4_layout()
     b, groups = layout.block_rows, k // weight.group
     blocks, half = n // b, b // 2
     packed = weight.packed.view(blocks, groups, weight.group, half)
@@ -106,18 +113,18 @@ def _dequantized_transpose(weight: Int8Weight | Int4Weight, dtype: torch.dtype,
 def _dequantized_matmul(x: torch.Tensor, weight: Int8Weight | Int4Weight) -> torch.Tensor:
     """x [rows, in] @ W^T for many rows, in x's dtype: the weight is dequantized into the shared buffer
     and multiplied by the GEMM, a chunk of output rows at a time (bounded buffer for any matrix)."""
-    n, k = weight.shape
-    step = max(INT4_ROW_BLOCK, DEQUANT_CHUNK_VALUES // k // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
-    if step >= n:
-        transposed, out_scale = _dequantized_transpose(weight, x.dtype, x.device)
+    def product(part: Int8Weight | Int4Weight) -> torch.Tensor:
+        transposed, out_scale = _dequantized_transpose(part, x.dtype, x.device)
         out = x @ transposed
         return out if out_scale is None else out.mul_(out_scale)
+
+    n, k = weight.shape
+    step = max(INT4_ROW_BLOCK, DEQUANT_CHUNK_VALUES // k // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
+    if step >= n:  # one chunk: its product is the result (no copy into a result tensor)
+        return product(weight)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     for start in range(0, n, step):
-        end = min(n, start + step)
-        transposed, out_scale = _dequantized_transpose(weight.rows(start, end), x.dtype, x.device)
-        part = x @ transposed
-        out[:, start:end] = part if out_scale is None else part.mul_(out_scale)
+        out[:, start:start + step] = product(weight.rows(start, min(n, start + step)))
     return out
 
 

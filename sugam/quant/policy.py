@@ -60,6 +60,13 @@ def weight_chooser(mode: str, tied_embeddings: bool = False, packed_kernels: boo
     return choose
 
 
+def checkpoint_mode(mode: str, info: dict, device_type: str) -> str:
+    """The mode a checkpoint loads in: a `sugam quantize` folder's own, whatever was asked, else
+    resolve_mode's."""
+    resolved = resolve_mode(mode, info.get("format", ""), device_type)
+    return info.get("sugam_quantization") or resolved
+
+
 def resolve_mode(mode: str, checkpoint_format: str, device_type: str) -> str:
     """"auto" keeps a GGUF file quantized where the fast kernels exist (the CPU) and loads everything
     else dense. (An explicit `--dtype float32` asks for "none", the exact reference: sugam.llm.load_engine.)"""

@@ -7,6 +7,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from ..engine.llm_engine import EngineStats
+from ..engine.runner import format_weights
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -36,7 +37,7 @@ class ServerMetrics:
 
     def set_execution_path(self, path: dict[str, Any]) -> None:
         labels = {k: str(v) for k, v in path.items() if k != "weights"}
-        labels["weights"] = ", ".join(f"{name} x{count}" for name, count in path["weights"].items())
+        labels["weights"] = format_weights(path["weights"])
         self.execution.info(labels)
 
     def render(self, stats: EngineStats | None) -> bytes:
