@@ -47,11 +47,6 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _render(source: str, variables: Mapping[str, Any], limits: TemplateLimits) -> str:
-    """What a worker runs: the same `render_template` the Python API and the CLI call in-process."""
-    return render_template(source, variables, limits)
-
-
 class TemplateRenderer:
     """A small pool of render processes for the server. `start()` spawns and warms them; `render()`
     is awaited from the event loop; `close()` stops them."""
@@ -69,7 +64,7 @@ class TemplateRenderer:
         # Workers are spawned on demand: one trivial render per worker, submitted at once, starts
         # them all now rather than in front of a request.
         for _ in range(self.workers):
-            pool.submit(_render, "", {}, DEFAULT_LIMITS)
+            pool.submit(render_template, "", {}, DEFAULT_LIMITS)
         return pool
 
     def _current(self) -> ProcessPoolExecutor:
@@ -84,7 +79,7 @@ class TemplateRenderer:
         """Spawn the workers and wait for them to render once; returns the seconds it took."""
         began = time.monotonic()
         pool = self._current()
-        futures = [pool.submit(_render, "{{ x }}", {"x": "ok"}, DEFAULT_LIMITS) for _ in range(self.workers)]
+        futures = [pool.submit(render_template, "{{ x }}", {"x": "ok"}, DEFAULT_LIMITS) for _ in range(self.workers)]
         for future in futures:
             future.result(timeout=120)
         return time.monotonic() - began
@@ -101,11 +96,11 @@ class TemplateRenderer:
                limits: TemplateLimits = DEFAULT_LIMITS) -> tuple[ProcessPoolExecutor, Future[str]]:
         pool = self._current()
         try:
-            return pool, pool.submit(_render, source, variables, limits)
+            return pool, pool.submit(render_template, source, variables, limits)
         except (BrokenProcessPool, RuntimeError):  # broken since the last render: one new pool, once
             self._discard(pool)
             pool = self._current()
-            return pool, pool.submit(_render, source, variables, limits)
+            return pool, pool.submit(render_template, source, variables, limits)
 
     async def render(self, source: str, variables: Mapping[str, Any],
                      limits: TemplateLimits = DEFAULT_LIMITS) -> str:
