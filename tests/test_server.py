@@ -74,6 +74,8 @@ def test_auth_models_and_health(server):
     assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
+    path = models["data"][0]["sugam_execution"]  # the path chosen at load
+    assert path["device"] == "cpu" and path["compute_dtype"] == "float32" and path["weights"]
 
 
 def test_chat_shape_usage_seed_and_n(server):
@@ -269,6 +271,7 @@ def test_metrics_count_requests_and_latencies(server):
                  "sugam_prompt_tokens_total", "sugam_generation_tokens_total", "sugam_prefix_cache_hit_rate"):
         assert name in text
     assert metric(server, "sugam_time_to_first_token_seconds_count") > 0
+    assert 'sugam_execution_info{' in text and 'compute_dtype="float32"' in text
 
 
 def test_queue_limit_429_and_timeout(tiny_folder):
