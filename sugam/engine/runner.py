@@ -75,7 +75,7 @@ class ModelRunner:
             layout = int4_layout() if any(k.startswith("int4") for k in weights) else None
             path.update(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                         bf16="native" if native_bf16() else "emulated", threads=torch.get_num_threads(),
-                        kernels="sugam AVX-512" if packed else "pytorch",
+                        kernels=f"sugam {native_kernels.isa_label()}" if packed else "pytorch",
                         native_decoder=self.model.native_decoder is not None)
             if layout is not None:
                 path["int4_packing"] = f"{layout.block_rows}-row blocks, {'adjacent' if layout.adjacent else 'halves'}"
@@ -137,7 +137,7 @@ def describe_path(path: dict[str, Any]) -> str:
         where = path["device"]
     else:
         where = (f"cpu {path['cpu']} ({path['cpu_capability']}, bf16 {path['bf16']}, {path['threads']} threads), "
-                 f"{'sugam AVX-512' if path['kernels'] != 'pytorch' else 'PyTorch'} kernels")
+                 f"{path['kernels'] if path['kernels'] != 'pytorch' else 'PyTorch'} kernels")
     return f"{where}; {path['quantization']} weights: {weights}; compute {path['compute_dtype']}"
 
 

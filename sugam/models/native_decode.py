@@ -4,10 +4,10 @@ A decode step of a 1.5B model makes ~400 small calls around its ~120 matrix prod
 their dispatch cost ~5 ms a token, 15 % of the step. The native decoder runs the same operations
 from C++, with the same kernels and rounding, so its output equals the Python layers' exactly.
 
-It runs when every projection is a packed GGUF matrix (sugam's kernels), the model is bf16 on a CPU
-that runs the kernels, and every sequence of the step brings one token (at most
-PACKED_KERNEL_MAX_ROWS of them: larger batches are faster through dequantize + GEMM). Anything
-else takes the Python layers.
+It runs when every projection is a packed GGUF matrix (sugam's kernels), the model is bf16 or fp32
+on a CPU that runs the kernels (any of their builds), and every sequence of the step brings one
+token (at most packed_kernel_max_rows() of them: larger batches are faster through dequantize +
+GEMM). Anything else takes the Python layers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import native
 from ..layers.attention import AttentionMetadata, KVCache
-from ..quant.linear import PACKED_KERNEL_MAX_ROWS, QuantizedLinear
+from ..quant.linear import QuantizedLinear, packed_kernel_max_rows
 
 
 def _layer_matrices(layer: nn.Module) -> list[QuantizedLinear | None]:
@@ -57,7 +57,8 @@ class NativeDecoder:
         """A decoder for this model, or None where the native decoder cannot run it."""
         cfg = model.config
         params = list(model.parameters())
-        if not params or params[0].dtype != torch.bfloat16 or not params[0].is_cpu or not native.available():
+        if (not params or params[0].dtype not in (torch.bfloat16, torch.float32) or not params[0].is_cpu
+                or not native.available()):
             return None
         if cfg.head_dim % 32 or cfg.hidden_size % 16:
             return None
@@ -71,7 +72,7 @@ class NativeDecoder:
         """Whether this step is one the native decoder takes (one new token per sequence)."""
         tokens = x.shape[0]
         return (meta.decode_tokens is not None and len(meta.decode_tokens) == tokens
-                and tokens <= PACKED_KERNEL_MAX_ROWS)
+                and tokens <= packed_kernel_max_rows())
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:

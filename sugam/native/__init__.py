@@ -1,16 +1,23 @@
-"""sugam's own CPU kernels, compiled on first use:
+"""sugam's own CPU kernels, compiled on first use for the CPU at hand:
 
-- gguf_matmul.cpp: products with GGUF-quantized matrices at the file's size (int8 activations,
-  AVX-512 VNNI), and their exact dequantization;
-- attention.cpp: decode attention read in place through the paged KV cache's block tables;
-- layers.cpp: RMSNorm, the rotary embedding and silu(gate) * up as one call each;
-- decoder.cpp: all decoder layers of a decode step in one call (models/native_decode.py).
+- GGUF block products at the file's size (int8 activations times the blocks' codes), their exact
+  dequantization, decode attention read in place through the paged KV cache, RMSNorm / rotary /
+  silu(gate) * up as one call each, and decoder.cpp: all decoder layers of a decode step in one call.
 
-They need an x86-64 CPU with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD
-since Zen 4), a C++ compiler and `ninja`. The build takes ~15 s once and is cached by PyTorch
-(~/.cache/torch_extensions). Anywhere else `available()` is False and sugam uses PyTorch's own
-kernels (GGUF weights repacked by sugam/quant/gguf_repack.py, attention as PyTorch ops).
-SUGAM_NATIVE_KERNELS=0 turns them off.
+Two implementations, one built per machine (the "ISA" below), chosen by the CPU's features:
+
+- "avx512": gguf_matmul.cpp, gguf_block32.cpp, gguf_kquant.cpp, attention.cpp, layers.cpp, for
+  x86-64 with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD since Zen 4);
+- "avx2" / "neon" / "scalar": portable/core.h, written once in 256-bit vectors (portable/vec.h)
+  with an AVX2 backend (every x86-64 since Haswell / Zen 1; VNNI dot products where the CPU has
+  AVX-VNNI), a NEON one (every aarch64 CPU; sdot with the dotprod extension) and plain C++ (any
+  other CPU, and the reference the others are tested against).
+
+The build needs a C++ compiler and `ninja`, takes ~15-30 s once and is cached by PyTorch
+(~/.cache/torch_extensions). Without a compiler `available()` is False and sugam uses PyTorch's
+own kernels (GGUF weights repacked by sugam/quant/gguf_repack.py, attention as PyTorch ops).
+SUGAM_NATIVE_KERNELS=0 turns them off; SUGAM_NATIVE_ISA=avx2 (or scalar, ...) builds another
+implementation than the CPU's best, where this CPU runs it (tests and benchmarks use that).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sysconfig
 from functools import cache
 from pathlib import Path
@@ -33,45 +41,118 @@ log = logging.getLogger(__name__)
 
 # GGML type name -> id (the kernels read the types in sugam/quant/gguf_pack.py and refuse others)
 _GGML_IDS = {t.name: t.value for t in GGMLQuantizationType}
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp",
-                                      "layers.cpp", "decoder.cpp")]
+_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
+_AVX2_FLAGS = ("avx2", "fma", "f16c")
+_AVX512_SOURCES = ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp", "layers.cpp", "decoder.cpp")
+_PORTABLE_SOURCES = ("portable/ops.cpp", "decoder.cpp")
+ISAS = ("avx512", "avx2", "neon", "scalar")
+
+
+def _arm_dotprod() -> bool:
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() == "1"
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return "asimddp" in cpu_flags()
+
+
+def runs_here(isa: str) -> bool:
+    """This CPU executes the instructions of that implementation."""
+    machine = platform.machine().lower()
+    if isa == "scalar":
+        return True
+    if isa == "neon":
+        return machine in ("aarch64", "arm64")
+    if machine not in ("x86_64", "amd64"):
+        return False
+    return all(flag in cpu_flags() for flag in (_AVX512_FLAGS if isa == "avx512" else _AVX2_FLAGS))
+
+
+@cache
+def isa() -> str | None:
+    """The implementation this process builds and uses: SUGAM_NATIVE_ISA where set (and runnable
+    here), else the CPU's best; None when the kernels are turned off or cannot run here."""
+    if os.environ.get("SUGAM_NATIVE_KERNELS", "1") == "0" or platform.system() not in ("Linux", "Darwin"):
+        return None
+    forced = os.environ.get("SUGAM_NATIVE_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS or not runs_here(forced):
+            log.warning("SUGAM_NATIVE_ISA=%s does not run on this CPU (choices: %s); using PyTorch's kernels",
+                        forced, ", ".join(i for i in ISAS if runs_here(i)))
+            return None
+        return forced
+    return next(i for i in ISAS if runs_here(i))
+
+
+def _compile_flags(which: str) -> list[str]:
+    flags = ["-O3", "-ffp-contract=off"]
+    if platform.system() != "Darwin":  # Apple's clang has no -fopenmp: the kernels then run on one thread
+        flags.append("-fopenmp")
+    if which == "avx512":
+        return flags + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
+    if which == "avx2":
+        return flags + ["-mavx2", "-mfma", "-mf16c"] + (["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])
+    if which == "neon":
+        return flags + (["-march=armv8.2-a+dotprod"] if _arm_dotprod() else [])
+    return flags + ["-DSUGAM_FORCE_SCALAR"]
 
 
 def cpu_supported() -> bool:
     """This CPU can run the kernels (and they are not turned off); says nothing about the build."""
-    if os.environ.get("SUGAM_NATIVE_KERNELS", "1") == "0":
-        return False
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
-    return all(flag in cpu_flags() for flag in _CPU_FLAGS)
+    return isa() is not None
 
 
 @cache
 def available() -> bool:
     """True when the kernels are built and loaded (building them on the first call)."""
-    if not cpu_supported():
+    which = isa()
+    if which is None:
         return False
     if shutil.which("ninja") is None:  # the `ninja` wheel's binary sits beside this Python's scripts
         os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building sugam's CPU kernels (once, ~15 s)")
-        # One build folder per checkout and version of the sources (headers included): two sugam
-        # installs on one machine would otherwise rebuild over each other's library, even while
-        # another process has it loaded (seen as segfaults).
-        sources = b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.[ch]*")))
-        digest = hashlib.sha256(str(_DIR.resolve()).encode() + sources).hexdigest()[:16]
-        load(name=f"sugam_cpu_{digest}", sources=[str(s) for s in _SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-                           "-mavx512bf16", "-mf16c", "-mfma"],
-             extra_ldflags=["-fopenmp"])
+        log.info("building sugam's CPU kernels for %s (once, ~15-30 s)", which)
+        # One build folder per checkout, implementation and version of the sources (headers
+        # included): two sugam installs on one machine would otherwise rebuild over each other's
+        # library, even while another process has it loaded (seen as segfaults).
+        flags = _compile_flags(which)
+        sources = b"".join(p.read_bytes() for p in sorted(_DIR.rglob("*.[ch]*")))
+        digest = hashlib.sha256(str(_DIR.resolve()).encode() + sources + " ".join(flags).encode()).hexdigest()[:16]
+        names = _AVX512_SOURCES if which == "avx512" else _PORTABLE_SOURCES
+        load(name=f"sugam_cpu_{which}_{digest}", sources=[str(_DIR / s) for s in names], is_python_module=False,
+             extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [])
     except Exception as exc:  # no compiler, no ninja, ...: PyTorch's kernels still work
         log.warning("sugam's CPU kernels are unavailable (%s); using PyTorch's kernels", exc)
         return False
     return True
+
+
+_ISA_LABELS = {"avx512": "AVX-512", "avx2": "AVX2", "neon": "NEON", "scalar": "portable C++"}
+
+
+def isa_label() -> str:
+    """The running build for people: "AVX-512", "AVX2", "AVX2 + AVX-VNNI", "NEON + dotprod", ..."""
+    which = isa()
+    if which is None:
+        return "none"
+    extra = ""
+    if which == "avx2" and "avx_vnni" in cpu_flags():
+        extra = " + AVX-VNNI"
+    elif which == "neon" and _arm_dotprod():
+        extra = " + dotprod"
+    return _ISA_LABELS[which] + extra
+
+
+def activation_block(qtype: str) -> int:
+    """The number of activations that share one int8 scale in products with this GGML type: the
+    AVX-512 kernels quantize per 256 for K-quants (their integer sub-scales apply to integer sums),
+    the portable ones per 32 for every type."""
+    return 256 if isa() == "avx512" and qtype in ("Q4_K", "Q5_K", "Q6_K") else 32
 
 
 def ggml_type_id(qtype: str) -> int:

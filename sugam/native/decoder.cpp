@@ -86,7 +86,7 @@ at::Tensor layer(at::Tensor x, int64_t l, const at::Tensor& cos, const at::Tenso
 
 }  // namespace
 
-// x [tokens, hidden] bf16, the embeddings of one new token per sequence -> the last layer's output.
+// x [tokens, hidden] (bf16 or fp32: the model's dtype), the embeddings of one new token per sequence -> the last layer's output.
 // cos/sin [tokens, dim]; per layer SLOTS matrices (+ their GGML types and biases) and NORMS norm
 // weights; per layer one key and one value cache (+ scales when int8); slots, block tables and
 // context lengths as AttentionMetadata holds them for sugam's decode attention.
@@ -98,7 +98,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
                          const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t heads, int64_t kv_heads,
                          int64_t intermediate, double eps, double scale) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.is_contiguous(), "sugam decode_layers: x must be contiguous bf16 [tokens, hidden]");
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat) && x_in.is_contiguous(),
+              "sugam decode_layers: x must be contiguous bf16 or fp32 [tokens, hidden]");
   TORCH_CHECK(static_cast<int64_t>(matrices.size()) == layers * SLOTS && static_cast<int64_t>(qtypes.size()) == layers * SLOTS &&
               static_cast<int64_t>(biases.size()) == layers * SLOTS && static_cast<int64_t>(norms.size()) == layers * NORMS &&
               static_cast<int64_t>(v_caches.size()) == layers && static_cast<int64_t>(k_scales.size()) == layers &&

@@ -39,11 +39,20 @@ from .formats import (
 
 # Up to this many rows the weight-only kernels win; above it, dequantize + GEMM.
 KERNEL_MAX_ROWS = 32
-# The same switch for sugam's packed-GGUF kernels: every body matmul of the 0.5B / 1.5B at 2 threads,
-# kernels vs dequantize + GEMM, 16 rows 66 vs 88 / 188 vs 235 ms, 24 rows 104 vs 115 / 271 vs 265,
-# 32 rows 138 vs 130 / 354 vs 293 (their cost grows with each row; the GEMM's barely). 16 keeps a
-# clear margin (24 is a toss-up, and throughput runs could not tell the two apart).
-PACKED_KERNEL_MAX_ROWS = 16
+# The same switch for sugam's packed-GGUF kernels, by their build (sugam.native.isa()). AVX-512: every
+# body matmul of the 0.5B / 1.5B at 2 threads, kernels vs dequantize + bf16 GEMM, 16 rows 66 vs 88 /
+# 188 vs 235 ms, 24 rows 104 vs 115 / 271 vs 265, 32 rows 138 vs 130 / 354 vs 293 (their cost grows
+# with each row; the GEMM's barely): 16 keeps a clear margin. The portable kernels (tiled int8 GEMM)
+# against an fp32 GEMM on AVX2 win up to PORTABLE_MAX_ROWS (benchmarks/packed_gemm.py).
+AVX512_MAX_ROWS = 16
+PORTABLE_MAX_ROWS = 128
+
+
+def packed_kernel_max_rows() -> int:
+    """Up to this many rows a packed GGUF matrix is multiplied by sugam's kernels, above by its GEMM."""
+    return AVX512_MAX_ROWS if native.isa() == "avx512" else PORTABLE_MAX_ROWS
+
+
 # Larger matrices (the LM head) are dequantized and multiplied this many values at a time.
 DEQUANT_CHUNK_VALUES = 16 << 20
 
@@ -137,19 +146,22 @@ def _kernel_matmul(xb: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] -> [rows, out] in x's dtype for a packed GGUF matrix: the kernel for few rows, else
-    dequantize + bf16 GEMM, in row chunks of the weight (a vocabulary-sized head never needs a full
-    bf16 copy). Takes the weight's parts, not a PackedGGUFWeight: decode calls it ~100 times a token."""
-    if x.shape[0] <= PACKED_KERNEL_MAX_ROWS:
+    """x [rows, in] -> [rows, out] in x's dtype for a packed GGUF matrix: the kernel for up to
+    packed_kernel_max_rows() rows, else dequantize + GEMM in x's dtype (bf16 or fp32), in row chunks of
+    the weight (a vocabulary-sized head never needs a full copy). Takes the weight's parts, not a
+    PackedGGUFWeight: decode calls it ~100 times a token."""
+    if x.shape[0] <= packed_kernel_max_rows():
         return native.gguf_matmul(x, packed, qtype, cols, bias)
     n = packed.shape[0]
-    xb = x.to(torch.bfloat16)
-    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    compute = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+    xc = x.to(compute)
+    out = torch.empty(x.shape[0], n, dtype=compute)
     step = max(1, DEQUANT_CHUNK_VALUES // cols)
     for start in range(0, n, step):
         rows = packed[start:start + step]
-        w = native.gguf_dequantize(rows, qtype, cols, _dequant_buffer.get(rows.shape[0] * cols, x.device).view(-1, cols))
-        torch.matmul(xb, w.t(), out=out[:, start:start + rows.shape[0]])
+        buffer = _dequant_buffer.get(rows.shape[0] * cols, x.device, compute).view(-1, cols)
+        w = native.gguf_dequantize(rows, qtype, cols, buffer)
+        torch.matmul(xc, w.t(), out=out[:, start:start + rows.shape[0]])
     if bias is not None:
         out += bias
     return out.to(x.dtype)

@@ -1,0 +1,391 @@
+// The 256-bit vectors that sugam's portable kernels (core.h) are written in, with one backend per
+// instruction set, chosen by the compiler flags of the translation unit:
+//   AVX2 + FMA + F16C (x86-64 since Haswell / Zen 1), with the VNNI dot product where present
+//   (AVX-VNNI, or AVX-512 VNNI + VL), else vpmaddubsw + vpmaddwd;
+//   NEON (every aarch64 CPU), with the dotprod extension's sdot where present;
+//   scalar C++ (any CPU): the reference the others are tested against (tests/native_harness.cpp).
+// SUGAM_FORCE_SCALAR picks the scalar backend whatever the flags.
+//
+// Everything sits in namespace sugam::SUGAM_CORE_NS, so that one program can hold two backends (the
+// test harness compares them); the default name is `portable`.
+//
+// Lane conventions (the same on every backend, so that the kernels' integer sums agree exactly):
+//   Bytes: 32 bytes; I32 / F32: 8 lanes; dot() adds bytes 4l..4l+3 of its products to lane l.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef SUGAM_CORE_NS
+#define SUGAM_CORE_NS portable
+#endif
+
+#if !defined(SUGAM_FORCE_SCALAR) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SUGAM_VEC_AVX2 1
+#include <immintrin.h>
+#elif !defined(SUGAM_FORCE_SCALAR) && defined(__ARM_NEON) && defined(__aarch64__)
+#define SUGAM_VEC_NEON 1
+#include <arm_neon.h>
+#else
+#define SUGAM_VEC_SCALAR 1
+#endif
+
+namespace sugam {
+namespace SUGAM_CORE_NS {
+
+#define SUGAM_INLINE inline __attribute__((always_inline))
+
+struct bf16 {  // bfloat16 storage (the layout of c10::BFloat16)
+  uint16_t bits;
+};
+
+// IEEE half -> float, exactly (GGUF block scales); half_to_float below uses the hardware's conversion
+inline float half_to_float_soft(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    exp = 113;
+    while (!(man & 0x400)) { man <<= 1; --exp; }
+    bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float -> bf16, round to nearest even (NaN stays a quiet NaN), as c10::BFloat16 and .to(bfloat16)
+inline bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return {0x7FC0};
+  return {static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)};
+}
+inline float from_bf16(bf16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float load1(const float* x) { return *x; }
+inline float load1(const bf16* x) { return from_bf16(*x); }
+inline void store1(float* y, float v) { *y = v; }
+inline void store1(bf16* y, float v) { *y = to_bf16(v); }
+
+#if SUGAM_VEC_AVX2
+
+struct Bytes { __m256i v; };
+struct I32 { __m256i v; };
+struct F32 { __m256 v; };
+
+SUGAM_INLINE Bytes load_bytes(const void* p) { return {_mm256_loadu_si256(static_cast<const __m256i*>(p))}; }
+SUGAM_INLINE void store_bytes(void* p, Bytes b) { _mm256_storeu_si256(static_cast<__m256i*>(p), b.v); }
+// the 32 low (high) nibbles of the 32 bytes at p
+SUGAM_INLINE Bytes low_nibbles(const uint8_t* p) { return {_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi8(0x0F))}; }
+SUGAM_INLINE Bytes high_nibbles(const uint8_t* p) {
+  return {_mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 4), _mm256_set1_epi8(0x0F))};
+}
+// codes + value in the bytes whose bit is set in `bits` (bit i <-> byte i); a bit the codes lack
+SUGAM_INLINE Bytes add_bits(Bytes c, uint32_t bits, uint8_t value) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)),
+                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return {_mm256_or_si256(c.v, _mm256_and_si256(set, _mm256_set1_epi8(static_cast<char>(value))))};
+}
+SUGAM_INLINE Bytes flip_sign_bit(Bytes b) { return {_mm256_xor_si256(b.v, _mm256_set1_epi8(static_cast<char>(0x80)))}; }
+
+// acc + sums of 4 products of unsigned codes (< 128) and int8 activations
+SUGAM_INLINE I32 dot(I32 acc, Bytes codes, Bytes acts) {
+#if defined(__AVXVNNI__)
+  return {_mm256_dpbusd_avx_epi32(acc.v, codes.v, acts.v)};
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return {_mm256_dpbusd_epi32(acc.v, codes.v, acts.v)};
+#else
+  // pairs of products fit int16: 2 * 127 * 128 < 32768
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(_mm256_maddubs_epi16(codes.v, acts.v), _mm256_set1_epi16(1)))};
+#endif
+}
+// the same for signed codes: |w| times a with w's sign
+SUGAM_INLINE I32 dot_signed(I32 acc, Bytes w, Bytes acts) {
+  return dot(acc, Bytes{_mm256_sign_epi8(w.v, w.v)}, Bytes{_mm256_sign_epi8(acts.v, w.v)});
+}
+
+SUGAM_INLINE I32 zero_i32() { return {_mm256_setzero_si256()}; }
+SUGAM_INLINE I32 load_i32(const int32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
+SUGAM_INLINE F32 to_f32(I32 a) { return {_mm256_cvtepi32_ps(a.v)}; }
+SUGAM_INLINE int32_t reduce_add(I32 a) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a.v), _mm256_extracti128_si256(a.v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+// round to nearest even, saturate to int8, store 8 bytes; returns the rounded lanes
+SUGAM_INLINE I32 round_store_i8(F32 v, int8_t* q) {
+  const __m256i r = _mm256_cvtps_epi32(v.v);  // MXCSR's default: nearest even
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(w, w));
+  return {r};
+}
+
+SUGAM_INLINE F32 zero_f32() { return {_mm256_setzero_ps()}; }
+SUGAM_INLINE F32 set1(float x) { return {_mm256_set1_ps(x)}; }
+SUGAM_INLINE F32 set_halves(float lo, float hi) { return {_mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo))}; }
+SUGAM_INLINE F32 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+SUGAM_INLINE F32 load(const bf16* p) {
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
+}
+SUGAM_INLINE F32 load_halfs(const uint8_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+SUGAM_INLINE F32 load_u8(const uint8_t* p) { return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))}; }
+SUGAM_INLINE F32 load_i8(const int8_t* p) { return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))}; }
+SUGAM_INLINE void store(float* p, F32 v) { _mm256_storeu_ps(p, v.v); }
+SUGAM_INLINE void store(bf16* p, F32 v) {  // round to nearest even (NaN -> quiet NaN)
+  const __m256i u = _mm256_castps_si256(v.v);
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+SUGAM_INLINE F32 add(F32 a, F32 b) { return {_mm256_add_ps(a.v, b.v)}; }
+SUGAM_INLINE F32 sub(F32 a, F32 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+SUGAM_INLINE F32 mul(F32 a, F32 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+SUGAM_INLINE F32 div(F32 a, F32 b) { return {_mm256_div_ps(a.v, b.v)}; }
+SUGAM_INLINE F32 fma(F32 a, F32 b, F32 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+SUGAM_INLINE F32 max(F32 a, F32 b) { return {_mm256_max_ps(a.v, b.v)}; }
+SUGAM_INLINE F32 min(F32 a, F32 b) { return {_mm256_min_ps(a.v, b.v)}; }
+SUGAM_INLINE F32 abs(F32 a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+SUGAM_INLINE F32 round_even(F32 a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+// a * 2^n for integral n in [-127, 127]
+SUGAM_INLINE F32 times_pow2(F32 a, F32 n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(a.v, _mm256_castsi256_ps(e))};
+}
+SUGAM_INLINE float reduce_add(F32 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+SUGAM_INLINE float reduce_max(F32 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+SUGAM_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+#elif SUGAM_VEC_NEON
+
+struct Bytes { uint8x16_t lo, hi; };
+struct I32 { int32x4_t lo, hi; };
+struct F32 { float32x4_t lo, hi; };
+
+SUGAM_INLINE Bytes load_bytes(const void* p) {
+  const uint8_t* b = static_cast<const uint8_t*>(p);
+  return {vld1q_u8(b), vld1q_u8(b + 16)};
+}
+SUGAM_INLINE void store_bytes(void* p, Bytes v) {
+  uint8_t* b = static_cast<uint8_t*>(p);
+  vst1q_u8(b, v.lo);
+  vst1q_u8(b + 16, v.hi);
+}
+SUGAM_INLINE Bytes low_nibbles(const uint8_t* p) {
+  const uint8x16_t m = vdupq_n_u8(0x0F);
+  return {vandq_u8(vld1q_u8(p), m), vandq_u8(vld1q_u8(p + 16), m)};
+}
+SUGAM_INLINE Bytes high_nibbles(const uint8_t* p) { return {vshrq_n_u8(vld1q_u8(p), 4), vshrq_n_u8(vld1q_u8(p + 16), 4)}; }
+SUGAM_INLINE Bytes add_bits(Bytes c, uint32_t bits, uint8_t value) {
+  static const uint8_t bit_of[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  const uint8x16_t bit = vld1q_u8(bit_of), val = vdupq_n_u8(value);
+  const uint8x8_t b0 = vdup_n_u8(bits & 0xFF), b1 = vdup_n_u8((bits >> 8) & 0xFF);
+  const uint8x8_t b2 = vdup_n_u8((bits >> 16) & 0xFF), b3 = vdup_n_u8(bits >> 24);
+  const uint8x16_t lo = vtstq_u8(vcombine_u8(b0, b1), bit), hi = vtstq_u8(vcombine_u8(b2, b3), bit);
+  return {vorrq_u8(c.lo, vandq_u8(lo, val)), vorrq_u8(c.hi, vandq_u8(hi, val))};
+}
+SUGAM_INLINE Bytes flip_sign_bit(Bytes b) {
+  const uint8x16_t m = vdupq_n_u8(0x80);
+  return {veorq_u8(b.lo, m), veorq_u8(b.hi, m)};
+}
+SUGAM_INLINE int32x4_t dot4(int32x4_t acc, int8x16_t w, int8x16_t a) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, w, a);
+#else
+  const int16x8_t p0 = vmull_s8(vget_low_s8(w), vget_low_s8(a)), p1 = vmull_high_s8(w, a);
+  return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1)));
+#endif
+}
+// codes < 128 are the same bytes signed: one signed dot product serves both
+SUGAM_INLINE I32 dot_signed(I32 acc, Bytes w, Bytes a) {
+  return {dot4(acc.lo, vreinterpretq_s8_u8(w.lo), vreinterpretq_s8_u8(a.lo)),
+          dot4(acc.hi, vreinterpretq_s8_u8(w.hi), vreinterpretq_s8_u8(a.hi))};
+}
+SUGAM_INLINE I32 dot(I32 acc, Bytes codes, Bytes acts) { return dot_signed(acc, codes, acts); }
+
+SUGAM_INLINE I32 zero_i32() { return {vdupq_n_s32(0), vdupq_n_s32(0)}; }
+SUGAM_INLINE I32 load_i32(const int32_t* p) { return {vld1q_s32(p), vld1q_s32(p + 4)}; }
+SUGAM_INLINE F32 to_f32(I32 a) { return {vcvtq_f32_s32(a.lo), vcvtq_f32_s32(a.hi)}; }
+SUGAM_INLINE int32_t reduce_add(I32 a) { return vaddvq_s32(vaddq_s32(a.lo, a.hi)); }
+SUGAM_INLINE I32 round_store_i8(F32 v, int8_t* q) {
+  const int32x4_t lo = vcvtnq_s32_f32(v.lo), hi = vcvtnq_s32_f32(v.hi);
+  vst1_s8(q, vqmovn_s16(vcombine_s16(vqmovn_s32(lo), vqmovn_s32(hi))));
+  return {lo, hi};
+}
+
+SUGAM_INLINE F32 zero_f32() { return {vdupq_n_f32(0), vdupq_n_f32(0)}; }
+SUGAM_INLINE F32 set1(float x) { return {vdupq_n_f32(x), vdupq_n_f32(x)}; }
+SUGAM_INLINE F32 set_halves(float lo, float hi) { return {vdupq_n_f32(lo), vdupq_n_f32(hi)}; }
+SUGAM_INLINE F32 load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+SUGAM_INLINE F32 load(const bf16* p) {
+  const uint16x8_t b = vld1q_u16(reinterpret_cast<const uint16_t*>(p));
+  return {vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16)), vreinterpretq_f32_u32(vshll_high_n_u16(b, 16))};
+}
+SUGAM_INLINE F32 load_halfs(const uint8_t* p) {
+  const float16x8_t h = vreinterpretq_f16_u8(vld1q_u8(p));
+  return {vcvt_f32_f16(vget_low_f16(h)), vcvt_high_f32_f16(h)};
+}
+SUGAM_INLINE F32 load_u8(const uint8_t* p) {
+  const uint16x8_t w = vmovl_u8(vld1_u8(p));
+  return {vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))), vcvtq_f32_u32(vmovl_high_u16(w))};
+}
+SUGAM_INLINE F32 load_i8(const int8_t* p) {
+  const int16x8_t w = vmovl_s8(vld1_s8(p));
+  return {vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), vcvtq_f32_s32(vmovl_high_s16(w))};
+}
+SUGAM_INLINE void store(float* p, F32 v) {
+  vst1q_f32(p, v.lo);
+  vst1q_f32(p + 4, v.hi);
+}
+SUGAM_INLINE uint16x4_t bf16_round(float32x4_t v) {
+  const uint32x4_t u = vreinterpretq_u32_f32(v);
+  const uint32x4_t bias = vaddq_u32(vdupq_n_u32(0x7FFF), vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1)));
+  uint32x4_t r = vshrq_n_u32(vaddq_u32(u, bias), 16);
+  r = vbslq_u32(vceqq_f32(v, v), r, vdupq_n_u32(0x7FC0));
+  return vmovn_u32(r);
+}
+SUGAM_INLINE void store(bf16* p, F32 v) { vst1q_u16(reinterpret_cast<uint16_t*>(p), vcombine_u16(bf16_round(v.lo), bf16_round(v.hi))); }
+SUGAM_INLINE F32 add(F32 a, F32 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
+SUGAM_INLINE F32 sub(F32 a, F32 b) { return {vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)}; }
+SUGAM_INLINE F32 mul(F32 a, F32 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
+SUGAM_INLINE F32 div(F32 a, F32 b) { return {vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)}; }
+SUGAM_INLINE F32 fma(F32 a, F32 b, F32 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
+SUGAM_INLINE F32 max(F32 a, F32 b) { return {vmaxq_f32(a.lo, b.lo), vmaxq_f32(a.hi, b.hi)}; }
+SUGAM_INLINE F32 min(F32 a, F32 b) { return {vminq_f32(a.lo, b.lo), vminq_f32(a.hi, b.hi)}; }
+SUGAM_INLINE F32 abs(F32 a) { return {vabsq_f32(a.lo), vabsq_f32(a.hi)}; }
+SUGAM_INLINE F32 round_even(F32 a) { return {vrndnq_f32(a.lo), vrndnq_f32(a.hi)}; }
+SUGAM_INLINE F32 times_pow2(F32 a, F32 n) {
+  auto scale = [](float32x4_t e) {
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(e), vdupq_n_s32(127)), 23));
+  };
+  return {vmulq_f32(a.lo, scale(n.lo)), vmulq_f32(a.hi, scale(n.hi))};
+}
+SUGAM_INLINE float reduce_add(F32 a) {  // paired as the other backends pair the lanes
+  const float32x4_t s = vaddq_f32(a.lo, a.hi), t = vaddq_f32(s, vextq_f32(s, s, 2));
+  return vgetq_lane_f32(t, 0) + vgetq_lane_f32(t, 1);
+}
+SUGAM_INLINE float reduce_max(F32 a) { return vmaxvq_f32(vmaxq_f32(a.lo, a.hi)); }
+SUGAM_INLINE void prefetch(const void* p) { __builtin_prefetch(p); }
+
+#else  // scalar: the reference
+
+struct Bytes { uint8_t v[32]; };
+struct I32 { int32_t v[8]; };
+struct F32 { float v[8]; };
+
+inline Bytes load_bytes(const void* p) { Bytes b; std::memcpy(b.v, p, 32); return b; }
+inline void store_bytes(void* p, Bytes b) { std::memcpy(p, b.v, 32); }
+inline Bytes low_nibbles(const uint8_t* p) { Bytes b; for (int i = 0; i < 32; ++i) b.v[i] = p[i] & 0x0F; return b; }
+inline Bytes high_nibbles(const uint8_t* p) { Bytes b; for (int i = 0; i < 32; ++i) b.v[i] = p[i] >> 4; return b; }
+inline Bytes add_bits(Bytes c, uint32_t bits, uint8_t value) {
+  for (int i = 0; i < 32; ++i) if ((bits >> i) & 1) c.v[i] = static_cast<uint8_t>(c.v[i] + value);
+  return c;
+}
+inline Bytes flip_sign_bit(Bytes b) { for (auto& x : b.v) x ^= 0x80; return b; }
+inline I32 dot(I32 acc, Bytes codes, Bytes acts) {
+  for (int i = 0; i < 32; ++i) acc.v[i / 4] += static_cast<int32_t>(codes.v[i]) * static_cast<int8_t>(acts.v[i]);
+  return acc;
+}
+inline I32 dot_signed(I32 acc, Bytes w, Bytes acts) {
+  for (int i = 0; i < 32; ++i) acc.v[i / 4] += static_cast<int8_t>(w.v[i]) * static_cast<int8_t>(acts.v[i]);
+  return acc;
+}
+inline I32 zero_i32() { return I32{}; }
+inline I32 load_i32(const int32_t* p) { I32 a; std::memcpy(a.v, p, 32); return a; }
+inline F32 to_f32(I32 a) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = static_cast<float>(a.v[i]); return f; }
+inline int32_t reduce_add(I32 a) { int32_t s = 0; for (int32_t x : a.v) s += x; return s; }
+inline I32 round_store_i8(F32 v, int8_t* q) {
+  I32 r;
+  for (int i = 0; i < 8; ++i) {
+    r.v[i] = static_cast<int32_t>(std::nearbyint(v.v[i]));
+    q[i] = static_cast<int8_t>(r.v[i] < -128 ? -128 : r.v[i] > 127 ? 127 : r.v[i]);
+  }
+  return r;
+}
+inline F32 zero_f32() { return F32{}; }
+inline F32 set1(float x) { F32 f; for (auto& v : f.v) v = x; return f; }
+inline F32 set_halves(float lo, float hi) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = i < 4 ? lo : hi; return f; }
+template <typename T>
+inline F32 load(const T* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = load1(p + i); return f; }
+inline F32 load_halfs(const uint8_t* p) {
+  F32 f;
+  for (int i = 0; i < 8; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    f.v[i] = half_to_float_soft(h);
+  }
+  return f;
+}
+inline F32 load_u8(const uint8_t* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = p[i]; return f; }
+inline F32 load_i8(const int8_t* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = p[i]; return f; }
+template <typename T>
+inline void store(T* p, F32 v) { for (int i = 0; i < 8; ++i) store1(p + i, v.v[i]); }
+#define SUGAM_LANEWISE(name, expr) \
+  inline F32 name(F32 a, F32 b) { F32 r; for (int i = 0; i < 8; ++i) { const float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }
+SUGAM_LANEWISE(add, x + y)
+SUGAM_LANEWISE(sub, x - y)
+SUGAM_LANEWISE(mul, x * y)
+SUGAM_LANEWISE(div, x / y)
+SUGAM_LANEWISE(max, x > y ? x : y)
+SUGAM_LANEWISE(min, x < y ? x : y)
+SUGAM_LANEWISE(times_pow2, std::ldexp(x, static_cast<int>(y)))
+#undef SUGAM_LANEWISE
+inline F32 fma(F32 a, F32 b, F32 c) { F32 r; for (int i = 0; i < 8; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]); return r; }
+inline F32 abs(F32 a) { for (auto& v : a.v) v = std::fabs(v); return a; }
+inline F32 round_even(F32 a) { for (auto& v : a.v) v = std::nearbyint(v); return a; }
+// the lanes summed pairwise, as the vector backends' reductions pair them (same result for sums of
+// exact products; close otherwise)
+inline float reduce_add(F32 a) {
+  const float s0 = a.v[0] + a.v[4], s1 = a.v[1] + a.v[5], s2 = a.v[2] + a.v[6], s3 = a.v[3] + a.v[7];
+  return (s0 + s2) + (s1 + s3);
+}
+inline float reduce_max(F32 a) { float m = a.v[0]; for (float v : a.v) m = v > m ? v : m; return m; }
+inline void prefetch(const void*) {}
+
+#endif
+
+inline float half_to_float(uint16_t h) {
+#if SUGAM_VEC_AVX2
+  return _cvtsh_ss(h);
+#elif SUGAM_VEC_NEON
+  __fp16 f;
+  std::memcpy(&f, &h, 2);
+  return static_cast<float>(f);
+#else
+  return half_to_float_soft(h);
+#endif
+}
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return half_to_float(h);
+}
+
+}  // namespace SUGAM_CORE_NS
+}  // namespace sugam
