@@ -94,7 +94,8 @@ def main() -> None:
                      f"{row['kernel_ms'] / row['dequant_gemm_ms']:.2f} |")
     table += ["", "Matrices: " + ", ".join(f"{n} {s}" for n, s in r["matrices"].items())]
     RESULTS.mkdir(exist_ok=True)
-    stem = f"packed-gemm-{Path(args.model).stem}-{r['isa']}{'-avx2-gemm' if args.emulate_avx2 else ''}"
+    model = Path(args.model).stem if Path(args.model).exists() else args.model
+    stem = f"packed-gemm-{model}-{r['isa']}{'-avx2-gemm' if args.emulate_avx2 else ''}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

@@ -92,6 +92,18 @@ def bench_llamacpp(path: str, repeats: int) -> dict:
             "decode_tok_s": statistics.median(decode), "weight_bytes": _gguf_tensor_bytes(path)}
 
 
+def bench_llama_bench(path: str, repeats: int) -> dict:
+    """llama.cpp's own llama-bench binary (SUGAM_LLAMA_BENCH, e.g. a build held to AVX2: see
+    ../shared/peers/llama-cpp.md): pp512 and tg128, medians of its samples."""
+    binary = os.environ["SUGAM_LLAMA_BENCH"]
+    out = subprocess.run([binary, "-m", path, "-p", str(PROMPT_LEN), "-n", str(DECODE_LEN), "-t", "2",
+                          "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True)
+    runs = json.loads(out.stdout)
+    speed = {("pp" if r["n_prompt"] else "tg"): statistics.median(r["samples_ts"]) for r in runs}
+    return {"prefill_tok_s": speed["pp"], "ttft_512_s": PROMPT_LEN / speed["pp"], "decode_tok_s": speed["tg"],
+            "weight_bytes": _gguf_tensor_bytes(path), "build": runs[0].get("cpu_info", "")}
+
+
 def bench_transformers(path: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -170,11 +182,14 @@ def machine_bandwidth_samples(n: int = 3) -> list[float]:
 ENGINES = {"sugam": bench_sugam, "sugam-int4": lambda path, repeats: bench_sugam(path, repeats, "int4"),
            "sugam-pytorch": bench_sugam,
            "sugam-avx2-emulated": lambda path, repeats: bench_sugam(path, repeats, "gguf", "float32"),
-           "llamacpp": bench_llamacpp, "transformers": bench_transformers}
+           "sugam-avx2": lambda path, repeats: bench_sugam(path, repeats, "gguf", "float32"),
+           "llamacpp": bench_llamacpp, "llama-bench": bench_llama_bench, "transformers": bench_transformers}
 _NO_KERNELS = {"SUGAM_NATIVE_KERNELS": "0"}
+_ATEN_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ENGINE_ENV = {"sugam-pytorch": _NO_KERNELS,
-              "sugam-avx2-emulated": {**_NO_KERNELS, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                      "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+              "sugam-avx2-emulated": {**_NO_KERNELS, **_ATEN_AVX2},
+              # what an AVX2 CPU runs by default: sugam's AVX2 kernels, fp32 compute, PyTorch's GEMMs in AVX2
+              "sugam-avx2": {"SUGAM_NATIVE_ISA": "avx2", **_ATEN_AVX2}}
 
 
 def child(engine: str, path: str, repeats: int) -> None:
@@ -192,6 +207,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["sugam", "sugam-int4", "llamacpp", "transformers"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default="", help="suffix of the result files (keeps another run's tables)")
+    ap.add_argument("--llama-bench", default="", help="llama-bench binary for the llama-bench engine")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -203,7 +219,7 @@ def main() -> None:
     rows = {}
     for engine in args.engines:
         probe += machine_bandwidth_samples()
-        env = dict(os.environ, OMP_NUM_THREADS="2", **ENGINE_ENV.get(engine, {}))
+        env = dict(os.environ, OMP_NUM_THREADS="2", SUGAM_LLAMA_BENCH=args.llama_bench, **ENGINE_ENV.get(engine, {}))
         out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", engine, path],
                              capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -213,10 +229,10 @@ def main() -> None:
         r = json.loads(line[7:])
         r["bandwidth_gb_s"] = r["weight_bytes"] * r["decode_tok_s"] / 1e9
         rows[engine] = r
-        print(engine, {k: round(v, 2) for k, v in r.items()}, flush=True)
+        print(engine, {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     probe += machine_bandwidth_samples()
     bandwidth = statistics.median(probe)
-    base = rows.get("llamacpp")
+    base = rows.get("llamacpp") or rows.get("llama-bench")
     from sugam.hardware import cpu_label
 
     cpu = cpu_label()

@@ -91,10 +91,11 @@ SUGAM_INLINE Bytes low_nibbles(const uint8_t* p) { return {_mm256_and_si256(_mm2
 SUGAM_INLINE Bytes high_nibbles(const uint8_t* p) {
   return {_mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 4), _mm256_set1_epi8(0x0F))};
 }
-// codes + value in the bytes whose bit is set in `bits` (bit i <-> byte i); a bit the codes lack
-SUGAM_INLINE Bytes add_bits(Bytes c, uint32_t bits, uint8_t value) {
-  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)),
-                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+// codes + value in the bytes whose bit is set in the 4 bytes at bits (bit i <-> byte i); a bit the
+// codes lack, so the addition is an or
+SUGAM_INLINE Bytes add_bits(Bytes c, const uint8_t* bits, uint8_t value) {
+  const __m256i word = _mm256_broadcastd_epi32(_mm_loadu_si32(bits));  // a load, no ALU work
+  const __m256i spread = _mm256_shuffle_epi8(word, _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
   const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
   return {_mm256_or_si256(c.v, _mm256_and_si256(set, _mm256_set1_epi8(static_cast<char>(value))))};
@@ -136,12 +137,23 @@ SUGAM_INLINE I32 round_store_i8(F32 v, int8_t* q) {
 
 SUGAM_INLINE F32 zero_f32() { return {_mm256_setzero_ps()}; }
 SUGAM_INLINE F32 set1(float x) { return {_mm256_set1_ps(x)}; }
-SUGAM_INLINE F32 set_halves(float lo, float hi) { return {_mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo))}; }
+// lanes 0-3: p[0], lanes 4-7: p[1]
+SUGAM_INLINE F32 set_halves(const float* p) { return {_mm256_set_m128(_mm_broadcast_ss(p + 1), _mm_broadcast_ss(p))}; }
 SUGAM_INLINE F32 load(const float* p) { return {_mm256_loadu_ps(p)}; }
 SUGAM_INLINE F32 load(const bf16* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
 }
 SUGAM_INLINE F32 load_halfs(const uint8_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+// The first n (< 8) values, zeros after; nothing past them is read. Masked loads: a vector built from
+// scalar stores would stall on store forwarding. load_halfs_partial: n even.
+SUGAM_INLINE __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+}
+SUGAM_INLINE F32 load_partial(const float* p, int64_t n) { return {_mm256_maskload_ps(p, first_lanes(n))}; }
+SUGAM_INLINE I32 load_partial(const int32_t* p, int64_t n) { return {_mm256_maskload_epi32(p, first_lanes(n))}; }
+SUGAM_INLINE F32 load_halfs_partial(const uint8_t* p, int64_t n) {
+  return {_mm256_cvtph_ps(_mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm256_castsi256_si128(first_lanes(n / 2))))};
+}
 SUGAM_INLINE F32 load_u8(const uint8_t* p) { return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))}; }
 SUGAM_INLINE F32 load_i8(const int8_t* p) { return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))}; }
 SUGAM_INLINE void store(float* p, F32 v) { _mm256_storeu_ps(p, v.v); }
@@ -202,7 +214,9 @@ SUGAM_INLINE Bytes low_nibbles(const uint8_t* p) {
   return {vandq_u8(vld1q_u8(p), m), vandq_u8(vld1q_u8(p + 16), m)};
 }
 SUGAM_INLINE Bytes high_nibbles(const uint8_t* p) { return {vshrq_n_u8(vld1q_u8(p), 4), vshrq_n_u8(vld1q_u8(p + 16), 4)}; }
-SUGAM_INLINE Bytes add_bits(Bytes c, uint32_t bits, uint8_t value) {
+SUGAM_INLINE Bytes add_bits(Bytes c, const uint8_t* p, uint8_t value) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
   static const uint8_t bit_of[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
   const uint8x16_t bit = vld1q_u8(bit_of), val = vdupq_n_u8(value);
   const uint8x8_t b0 = vdup_n_u8(bits & 0xFF), b1 = vdup_n_u8((bits >> 8) & 0xFF);
@@ -241,7 +255,7 @@ SUGAM_INLINE I32 round_store_i8(F32 v, int8_t* q) {
 
 SUGAM_INLINE F32 zero_f32() { return {vdupq_n_f32(0), vdupq_n_f32(0)}; }
 SUGAM_INLINE F32 set1(float x) { return {vdupq_n_f32(x), vdupq_n_f32(x)}; }
-SUGAM_INLINE F32 set_halves(float lo, float hi) { return {vdupq_n_f32(lo), vdupq_n_f32(hi)}; }
+SUGAM_INLINE F32 set_halves(const float* p) { return {vld1q_dup_f32(p), vld1q_dup_f32(p + 1)}; }
 SUGAM_INLINE F32 load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
 SUGAM_INLINE F32 load(const bf16* p) {
   const uint16x8_t b = vld1q_u16(reinterpret_cast<const uint16_t*>(p));
@@ -250,6 +264,22 @@ SUGAM_INLINE F32 load(const bf16* p) {
 SUGAM_INLINE F32 load_halfs(const uint8_t* p) {
   const float16x8_t h = vreinterpretq_f16_u8(vld1q_u8(p));
   return {vcvt_f32_f16(vget_low_f16(h)), vcvt_high_f32_f16(h)};
+}
+// the first n (< 8) values, zeros after; nothing past them is read
+SUGAM_INLINE F32 load_partial(const float* p, int64_t n) {
+  float tmp[8] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = p[i];
+  return {vld1q_f32(tmp), vld1q_f32(tmp + 4)};
+}
+SUGAM_INLINE I32 load_partial(const int32_t* p, int64_t n) {
+  int32_t tmp[8] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = p[i];
+  return {vld1q_s32(tmp), vld1q_s32(tmp + 4)};
+}
+SUGAM_INLINE F32 load_halfs_partial(const uint8_t* p, int64_t n) {
+  uint8_t tmp[16] = {};
+  std::memcpy(tmp, p, 2 * n);
+  return load_halfs(tmp);
 }
 SUGAM_INLINE F32 load_u8(const uint8_t* p) {
   const uint16x8_t w = vmovl_u8(vld1_u8(p));
@@ -303,7 +333,9 @@ inline Bytes load_bytes(const void* p) { Bytes b; std::memcpy(b.v, p, 32); retur
 inline void store_bytes(void* p, Bytes b) { std::memcpy(p, b.v, 32); }
 inline Bytes low_nibbles(const uint8_t* p) { Bytes b; for (int i = 0; i < 32; ++i) b.v[i] = p[i] & 0x0F; return b; }
 inline Bytes high_nibbles(const uint8_t* p) { Bytes b; for (int i = 0; i < 32; ++i) b.v[i] = p[i] >> 4; return b; }
-inline Bytes add_bits(Bytes c, uint32_t bits, uint8_t value) {
+inline Bytes add_bits(Bytes c, const uint8_t* p, uint8_t value) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
   for (int i = 0; i < 32; ++i) if ((bits >> i) & 1) c.v[i] = static_cast<uint8_t>(c.v[i] + value);
   return c;
 }
@@ -330,7 +362,7 @@ inline I32 round_store_i8(F32 v, int8_t* q) {
 }
 inline F32 zero_f32() { return F32{}; }
 inline F32 set1(float x) { F32 f; for (auto& v : f.v) v = x; return f; }
-inline F32 set_halves(float lo, float hi) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = i < 4 ? lo : hi; return f; }
+inline F32 set_halves(const float* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = p[i / 4]; return f; }
 template <typename T>
 inline F32 load(const T* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = load1(p + i); return f; }
 inline F32 load_halfs(const uint8_t* p) {
@@ -343,6 +375,13 @@ inline F32 load_halfs(const uint8_t* p) {
   return f;
 }
 inline F32 load_u8(const uint8_t* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = p[i]; return f; }
+inline F32 load_partial(const float* p, int64_t n) { F32 f{}; for (int64_t i = 0; i < n; ++i) f.v[i] = p[i]; return f; }
+inline I32 load_partial(const int32_t* p, int64_t n) { I32 a{}; for (int64_t i = 0; i < n; ++i) a.v[i] = p[i]; return a; }
+inline F32 load_halfs_partial(const uint8_t* p, int64_t n) {
+  uint8_t tmp[16] = {};
+  std::memcpy(tmp, p, 2 * n);
+  return load_halfs(tmp);
+}
 inline F32 load_i8(const int8_t* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = p[i]; return f; }
 template <typename T>
 inline void store(T* p, F32 v) { for (int i = 0; i < 8; ++i) store1(p + i, v.v[i]); }
