@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the alias or file name)")
     p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GB or 512MB (default: 1/4 of free memory)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences generated at once (default 64)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="never share KV blocks between requests with a common prompt prefix (benchmarks)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before new requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
@@ -261,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or (source.alias if source else path.stem if path.is_file() else path.name)
     engine_config = EngineConfig(max_model_len=args.max_model_len, kv_cache_memory=parse_size(args.kv_cache_memory),
                                  max_num_seqs=args.max_num_seqs, quantization=args.quantization,
-                                 kv_cache_dtype=args.kv_cache_dtype)
+                                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching)
 
     def load() -> LLMEngine:
         return load_engine(path, args.dtype, args.device, engine_config)
