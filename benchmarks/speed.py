@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["sugam", "sugam-int4", "llamacpp", "transformers"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default="", help="suffix of the result files (keeps another run's tables)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of every engine, in turns; the table has medians")
     ap.add_argument("--llama-bench", default="", help="llama-bench binary for the llama-bench engine")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,20 +217,23 @@ def main() -> None:
     from sugam.registry import pull, resolve
     path = str(pull(args.model) if not Path(args.model).exists() else resolve(args.model))
     probe = []
-    rows = {}
-    for engine in args.engines:
-        probe += machine_bandwidth_samples()
-        env = dict(os.environ, OMP_NUM_THREADS="2", SUGAM_LLAMA_BENCH=args.llama_bench, **ENGINE_ENV.get(engine, {}))
-        out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", engine, path],
-                             capture_output=True, text=True, env=env)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{engine}: skipped ({(out.stderr.strip().splitlines() or ['no output'])[-1][:200]})")
-            continue
-        r = json.loads(line[7:])
-        r["bandwidth_gb_s"] = r["weight_bytes"] * r["decode_tok_s"] / 1e9
-        rows[engine] = r
-        print(engine, {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):  # engines take turns: a machine whose speed drifts hurts them alike
+        for engine in args.engines:
+            probe += machine_bandwidth_samples()
+            env = dict(os.environ, OMP_NUM_THREADS="2", SUGAM_LLAMA_BENCH=args.llama_bench, **ENGINE_ENV.get(engine, {}))
+            out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", engine, path],
+                                 capture_output=True, text=True, env=env)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{engine}: skipped ({(out.stderr.strip().splitlines() or ['no output'])[-1][:200]})")
+                continue
+            r = json.loads(line[7:])
+            r["bandwidth_gb_s"] = r["weight_bytes"] * r["decode_tok_s"] / 1e9
+            runs.setdefault(engine, []).append(r)
+            print(engine, {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    rows = {engine: {k: statistics.median(r[k] for r in rs) if isinstance(rs[0][k], (int, float)) else rs[0][k]
+                     for k in rs[0]} for engine, rs in runs.items()}
     probe += machine_bandwidth_samples()
     bandwidth = statistics.median(probe)
     base = rows.get("llamacpp") or rows.get("llama-bench")
@@ -237,7 +241,8 @@ def main() -> None:
 
     cpu = cpu_label()
     table = [f"# Single-stream speed: {args.model}, {cpu}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s "
-             f"(median of {len(probe)} probes, {min(probe):.0f}-{max(probe):.0f})", "",
+             f"(median of {len(probe)} probes, {min(probe):.0f}-{max(probe):.0f}); medians of {args.rounds} round(s) "
+             f"of the engines in turn", "",
              "| engine | decode tok/s | × llama.cpp | prefill tok/s (512) | × llama.cpp | weights read/token | "
              "bandwidth achieved | peak RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():

@@ -17,6 +17,7 @@ from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
 from ..models.native_decode import NativeDecoder
+from ..quant.arena import gather_quantized_weights
 from ..quant.formats import int4_layout
 from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
 from ..quant.policy import checkpoint_mode, weight_chooser
@@ -47,6 +48,8 @@ class ModelRunner:
         model.load_weights(checkpoint.iter_weights(
             weight_chooser(self.quantization, self.config.tie_word_embeddings, packed_kernels)))
         model.fuse_projections()
+        if device.type == "cpu":
+            gather_quantized_weights(model, QuantizedLinear)
         model.native_decoder = NativeDecoder.build(model)
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()

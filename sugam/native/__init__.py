@@ -149,10 +149,9 @@ def isa_label() -> str:
 
 
 def activation_block(qtype: str) -> int:
-    """The number of activations that share one int8 scale in products with this GGML type: the
-    AVX-512 kernels quantize per 256 for K-quants (their integer sub-scales apply to integer sums),
-    the portable ones per 32 for every type."""
-    return 256 if isa() == "avx512" and qtype in ("Q4_K", "Q5_K", "Q6_K") else 32
+    """The number of activations that share one int8 scale in products with this GGML type: 256 for
+    the K-quants (their integer sub-scales then apply to integer sums), 32 for the others."""
+    return 256 if qtype in ("Q4_K", "Q5_K", "Q6_K") else 32
 
 
 def ggml_type_id(qtype: str) -> int:

@@ -13,7 +13,7 @@ namespace SUGAM_CORE_NS {
 template <typename T>
 static void matmul(int64_t qtype, const T* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n_out, const float* bias, T* y) {
   std::vector<uint8_t> memory(ActsBuffer::bytes(rows, k)), scratch(matmul_scratch_bytes(k));
-  const ActsBuffer acts(memory.data(), rows, k);
+  const ActsBuffer acts(memory.data(), rows, k, activation_block(qtype));
   for (int64_t r = 0; r < rows; ++r)
     acts.quantize(r, x + r * k);
   // two ranges of output rows, as two threads would split them

@@ -80,30 +80,43 @@ struct Acts {
   const int32_t* sum32;
 };
 
+// One activation row -> int8 codes with one scale (max|x| / 127) per `block` values (32, or 256 for
+// the K-quants, whose integer sub-scales then apply to integer sums); the scale is stored per 32 and
+// per 16 values whatever the block, with the code sums of each 16 and 32.
 template <typename T>
-void quantize_row(const T* x, int64_t k, int8_t* q, float* scale, float* scale16, int32_t* sum16, int32_t* sum32) {
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const F32 v0 = load(x + 32 * b), v1 = load(x + 32 * b + 8), v2 = load(x + 32 * b + 16), v3 = load(x + 32 * b + 24);
-    const float d = reduce_max(max(max(abs(v0), abs(v1)), max(abs(v2), abs(v3)))) / 127.0f;
+void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* scale, float* scale16, int32_t* sum16,
+                  int32_t* sum32) {
+  for (int64_t start = 0; start < k; start += block) {
+    F32 amax = zero_f32();
+    for (int64_t i = start; i < start + block; i += 8) amax = max(amax, abs(load(x + i)));
+    const float d = reduce_max(amax) / 127.0f;
     const F32 inv = set1(d > 0 ? 1.0f / d : 0.0f);
-    int8_t* qb = q + 32 * b;
-    const int32_t s0 = reduce_add(round_store_i8(mul(v0, inv), qb)) + reduce_add(round_store_i8(mul(v1, inv), qb + 8));
-    const int32_t s1 = reduce_add(round_store_i8(mul(v2, inv), qb + 16)) + reduce_add(round_store_i8(mul(v3, inv), qb + 24));
-    scale[b] = scale16[2 * b] = scale16[2 * b + 1] = d;
-    sum16[2 * b] = s0;
-    sum16[2 * b + 1] = s1;
-    sum32[b] = s0 + s1;
+    for (int64_t b = start / 32; b < (start + block) / 32; ++b) {
+      int8_t* qb = q + 32 * b;
+      const T* xb = x + 32 * b;
+      const int32_t s0 = reduce_add(round_store_i8(mul(load(xb), inv), qb)) + reduce_add(round_store_i8(mul(load(xb + 8), inv), qb + 8));
+      const int32_t s1 = reduce_add(round_store_i8(mul(load(xb + 16), inv), qb + 16)) + reduce_add(round_store_i8(mul(load(xb + 24), inv), qb + 24));
+      scale[b] = scale16[2 * b] = scale16[2 * b + 1] = d;
+      sum16[2 * b] = s0;
+      sum16[2 * b + 1] = s1;
+      sum32[b] = s0 + s1;
+    }
   }
 }
 
-// Storage of `rows` quantized activation rows of k values (k % 64 == 0).
+inline bool is_kquant(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
+
+// Activations share one int8 scale per this many values in products with the type.
+inline int64_t activation_block(int64_t qtype) { return is_kquant(qtype) ? 256 : 32; }
+
+// Storage of `rows` quantized activation rows of k values (k % 64 == 0; k % 256 == 0 for block 256).
 struct ActsBuffer {
-  int64_t k;
+  int64_t k, block;
   int8_t* q;
   float *scale, *scale16;
   int32_t *sum16, *sum32;
   static int64_t bytes(int64_t rows, int64_t k) { return rows * (k + 4 * (k / 32 + k / 16 + k / 16 + k / 32)); }
-  ActsBuffer(void* memory, int64_t rows, int64_t k_) : k(k_) {
+  ActsBuffer(void* memory, int64_t rows, int64_t k_, int64_t block_) : k(k_), block(block_) {
     q = static_cast<int8_t*>(memory);
     scale = reinterpret_cast<float*>(q + rows * k);
     scale16 = scale + rows * (k / 32);
@@ -112,7 +125,7 @@ struct ActsBuffer {
   }
   template <typename T>
   void quantize(int64_t r, const T* x) const {
-    quantize_row(x, k, q + r * k, scale + r * (k / 32), scale16 + r * (k / 16), sum16 + r * (k / 16), sum32 + r * (k / 32));
+    quantize_row(x, k, block, q + r * k, scale + r * (k / 32), scale16 + r * (k / 16), sum16 + r * (k / 16), sum32 + r * (k / 32));
   }
   Acts row(int64_t r) const {
     return {q + r * k, scale + r * (k / 32), scale16 + r * (k / 16), sum16 + r * (k / 16), sum32 + r * (k / 32)};
@@ -301,6 +314,85 @@ inline void rows_dot(int64_t qtype, const uint8_t* const codes[R], bool decoded,
   }
 }
 
+// K-quant rows (Q4_K, Q5_K, Q6_K) times one activation row quantized per 256 values, R rows at once.
+// A super-block's sub-scales (6-bit per 32, or int8 per 16) multiply the int16 pair sums of its dot
+// products (dot_scaled: free on AVX2), so a super-block is one int32 vector, converted and scaled once
+// per 256 values; the offsets (the mins, Q6_K's -32) are integer sums of the sub-scales times the
+// activations' block sums. PLANES as chunk_codes (-1: codes decoded to bytes); scales: the rows'
+// scales regions.
+template <int PLANES, bool Q6, int R>
+SUGAM_INLINE void kquant_dot(const uint8_t* const codes[R], const uint8_t* const high[R], const uint8_t* const scales[R],
+                             const Acts& a, int64_t k, SpreadPrefetch* pf, float out[R]) {
+  SpreadPrefetch prefetch = pf ? *pf : SpreadPrefetch(nullptr, 0, 1);
+  const int64_t supers = k / 256;
+  F32 acc[R];
+  float offset[R];
+  for (int j = 0; j < R; ++j) {
+    acc[j] = zero_f32();
+    offset[j] = 0.0f;
+  }
+  for (int64_t b = 0; b < supers; ++b) {
+    I32 isum[R];
+    for (int j = 0; j < R; ++j) isum[j] = zero_i32();
+    for (int64_t cc = 0; cc < 4; ++cc) {
+      const int64_t c = 4 * b + cc;
+      prefetch.step();
+      const Bytes a0 = load_bytes(a.q + 64 * c), a1 = load_bytes(a.q + 64 * c + 32);
+      for (int j = 0; j < R; ++j) {
+        Bytes lo, hi;
+        chunk_codes<PLANES>(codes[j], high[j], c, lo, hi);
+        if constexpr (Q6) {  // int8 scales per 16: groups 16b + 4cc .. + 3
+          const int8_t* sc = reinterpret_cast<const int8_t*>(scales[j] + 2 * supers) + 16 * b + 4 * cc;
+          isum[j] = dot_scaled2(isum[j], lo, a0, sc[0], sc[1]);
+          isum[j] = dot_scaled2(isum[j], hi, a1, sc[2], sc[3]);
+        } else {  // 6-bit scales per 32: sub-blocks 8b + 2cc, + 1
+          const uint8_t* sc = scales[j] + 4 * supers + 8 * b + 2 * cc;
+          isum[j] = dot_scaled(isum[j], lo, a0, sc[0]);
+          isum[j] = dot_scaled(isum[j], hi, a1, sc[1]);
+        }
+      }
+    }
+    const float da = a.scale[8 * b];
+    for (int j = 0; j < R; ++j) {
+      const float d = half_at(scales[j] + 2 * b) * da;
+      acc[j] = fma(to_f32(isum[j]), set1(d), acc[j]);
+      if constexpr (Q6) {  // -32 * sum_g sc_g * sum(qa in g): exact in fp32 (|terms| < 2^24)
+        const int8_t* sc = reinterpret_cast<const int8_t*>(scales[j] + 2 * supers) + 16 * b;
+        const float total = reduce_add(fma(load_i8(sc + 8), to_f32(load_i32(a.sum16 + 16 * b + 8)),
+                                           mul(load_i8(sc), to_f32(load_i32(a.sum16 + 16 * b)))));
+        offset[j] += -32.0f * d * total;
+      } else {  // - dmin * sum_j m_j * sum(qa in j)
+        const uint8_t* mins = scales[j] + 4 * supers + k / 32 + 8 * b;
+        const float total = reduce_add(mul(load_u8(mins), to_f32(load_i32(a.sum32 + 8 * b))));
+        offset[j] += -half_at(scales[j] + 2 * supers + 2 * b) * da * total;
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = reduce_add(acc[j]) + offset[j];
+}
+
+template <int R>
+inline void kquant_rows(int64_t qtype, const uint8_t* const codes[R], const uint8_t* const rows[R], bool decoded, int64_t k,
+                        const Acts& a, SpreadPrefetch* pf, float out[R]) {
+  const Layout L = layout_of(qtype, k);
+  const uint8_t* high[R];
+  const uint8_t* scales[R];
+  for (int j = 0; j < R; ++j) {
+    high[j] = rows[j] + L.code_bytes;
+    scales[j] = rows[j] + L.code_bytes + L.high_bytes;
+  }
+  if (decoded) {
+    if (qtype == Q6_K) kquant_dot<-1, true, R>(codes, high, scales, a, k, pf, out);
+    else kquant_dot<-1, false, R>(codes, high, scales, a, k, pf, out);
+  } else if (qtype == Q6_K) {
+    kquant_dot<2, true, R>(codes, high, scales, a, k, pf, out);
+  } else if (qtype == Q5_K) {
+    kquant_dot<1, false, R>(codes, high, scales, a, k, pf, out);
+  } else {
+    kquant_dot<0, false, R>(codes, high, scales, a, k, pf, out);
+  }
+}
+
 // The codes region of a row decoded to one byte per value (the layout of PLANES = -1).
 inline void decode_codes(int64_t qtype, const uint8_t* row, int64_t k, uint8_t* out) {
   const uint8_t* high = row + layout_of(qtype, k).code_bytes;
@@ -352,13 +444,17 @@ void matmul_rows(const ActsBuffer& acts, int64_t rows, const uint8_t* w, int64_t
       SpreadPrefetch pf(w + (n + ahead) * row_bytes, n + R - 1 + ahead < n1 ? R * row_bytes : 0, k / 64);
       const uint8_t* codes[R];
       const float* scales[R];
-      float offset[R], dot[R];
-      for (int j = 0; j < R; ++j) {
-        codes[j] = w + (n + j) * row_bytes;
-        scales[j] = ds4 + j * slots;
-        offset[j] = row_scales(qtype, codes[j] + L.code_bytes + L.high_bytes, k, a, ds4 + j * slots);
+      float offset[R] = {}, dot[R];
+      for (int j = 0; j < R; ++j) codes[j] = w + (n + j) * row_bytes;
+      if (is_kquant(qtype)) {
+        kquant_rows<R>(qtype, codes, codes, false, k, a, &pf, dot);
+      } else {
+        for (int j = 0; j < R; ++j) {
+          scales[j] = ds4 + j * slots;
+          offset[j] = row_scales(qtype, codes[j] + L.code_bytes + L.high_bytes, k, a, ds4 + j * slots);
+        }
+        rows_dot<R>(qtype, codes, false, k, scales, a.q, &pf, dot);
       }
-      rows_dot<R>(qtype, codes, false, k, scales, a.q, &pf, dot);
       for (int j = 0; j < R; ++j) store1(out + n + j, dot[j] + offset[j] + (bias ? bias[n + j] : 0.0f));
       n += R;
     };
@@ -373,7 +469,8 @@ void matmul_rows(const ActsBuffer& acts, int64_t rows, const uint8_t* w, int64_t
     const int64_t t1 = std::min(n1, t0 + kTileRows);
     for (int64_t n = t0; n < t1; ++n) {
       const uint8_t* row = w + n * row_bytes;
-      weight_scales(qtype, row + L.code_bytes + L.high_bytes, k, dw + (n - t0) * slots, ow + (n - t0) * slots);
+      if (!is_kquant(qtype))
+        weight_scales(qtype, row + L.code_bytes + L.high_bytes, k, dw + (n - t0) * slots, ow + (n - t0) * slots);
       if (decode) decode_codes(qtype, row, k, tile + (n - t0) * k);
     }
     auto codes_of = [&](int64_t n) { return decode ? tile + (n - t0) * k : w + n * row_bytes; };
@@ -383,14 +480,22 @@ void matmul_rows(const ActsBuffer& acts, int64_t rows, const uint8_t* w, int64_t
       auto run = [&](auto rows_at_once) {
         constexpr int R = decltype(rows_at_once)::value;
         const uint8_t* codes[R];
+        const uint8_t* packed[R];
         const float* scales[R];
-        float offset[R], dot[R];
+        float offset[R] = {}, dot[R];
         for (int j = 0; j < R; ++j) {
-          offset[j] = combine_scales(dw + (n + j - t0) * slots, ow + (n + j - t0) * slots, k, per16, a, ds4 + j * slots);
           codes[j] = codes_of(n + j);
-          scales[j] = ds4 + j * slots;
+          packed[j] = w + (n + j) * row_bytes;
         }
-        rows_dot<R>(qtype, codes, true, k, scales, a.q, nullptr, dot);
+        if (is_kquant(qtype)) {
+          kquant_rows<R>(qtype, codes, packed, true, k, a, nullptr, dot);
+        } else {
+          for (int j = 0; j < R; ++j) {
+            offset[j] = combine_scales(dw + (n + j - t0) * slots, ow + (n + j - t0) * slots, k, per16, a, ds4 + j * slots);
+            scales[j] = ds4 + j * slots;
+          }
+          rows_dot<R>(qtype, codes, true, k, scales, a.q, nullptr, dot);
+        }
         for (int j = 0; j < R; ++j) store1(out + r * n_out + n + j, dot[j] + offset[j] + (bias ? bias[n + j] : 0.0f));
         n += R;
       };

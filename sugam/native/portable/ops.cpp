@@ -72,7 +72,7 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   }
   const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   std::vector<uint8_t> memory(core::ActsBuffer::bytes(rows, cols));
-  const core::ActsBuffer acts(memory.data(), rows, cols);
+  const core::ActsBuffer acts(memory.data(), rows, cols, core::activation_block(qtype));
   at::Tensor out = at::empty({rows, n_out}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   with_storage(x, "gguf_matmul", [&](auto* xp) {

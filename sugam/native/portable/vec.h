@@ -117,6 +117,16 @@ SUGAM_INLINE I32 dot(I32 acc, Bytes codes, Bytes acts) {
 SUGAM_INLINE I32 dot_signed(I32 acc, Bytes w, Bytes acts) {
   return dot(acc, Bytes{_mm256_sign_epi8(w.v, w.v)}, Bytes{_mm256_sign_epi8(acts.v, w.v)});
 }
+// acc + scale x the 4-sums of dot(), codes < 64 and |scale| <= 128 (the K-quants' integer sub-scales):
+// vpmaddwd multiplies the pair sums by the scale where dot() multiplies them by one, so the scale
+// costs nothing. dot_scaled2: lanes 0-3 (bytes 0-15) by lo, lanes 4-7 by hi.
+SUGAM_INLINE I32 dot_scaled2(I32 acc, Bytes codes, Bytes acts, int16_t lo, int16_t hi) {
+  const __m256i scale = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(_mm256_maddubs_epi16(codes.v, acts.v), scale))};
+}
+SUGAM_INLINE I32 dot_scaled(I32 acc, Bytes codes, Bytes acts, int16_t scale) {
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(_mm256_maddubs_epi16(codes.v, acts.v), _mm256_set1_epi16(scale)))};
+}
 
 SUGAM_INLINE I32 zero_i32() { return {_mm256_setzero_si256()}; }
 SUGAM_INLINE I32 load_i32(const int32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
@@ -242,6 +252,11 @@ SUGAM_INLINE I32 dot_signed(I32 acc, Bytes w, Bytes a) {
           dot4(acc.hi, vreinterpretq_s8_u8(w.hi), vreinterpretq_s8_u8(a.hi))};
 }
 SUGAM_INLINE I32 dot(I32 acc, Bytes codes, Bytes acts) { return dot_signed(acc, codes, acts); }
+SUGAM_INLINE I32 dot_scaled2(I32 acc, Bytes codes, Bytes acts, int16_t lo, int16_t hi) {
+  const I32 d = dot_signed(I32{vdupq_n_s32(0), vdupq_n_s32(0)}, codes, acts);
+  return {vmlaq_n_s32(acc.lo, d.lo, lo), vmlaq_n_s32(acc.hi, d.hi, hi)};
+}
+SUGAM_INLINE I32 dot_scaled(I32 acc, Bytes codes, Bytes acts, int16_t scale) { return dot_scaled2(acc, codes, acts, scale, scale); }
 
 SUGAM_INLINE I32 zero_i32() { return {vdupq_n_s32(0), vdupq_n_s32(0)}; }
 SUGAM_INLINE I32 load_i32(const int32_t* p) { return {vld1q_s32(p), vld1q_s32(p + 4)}; }
@@ -348,6 +363,12 @@ inline I32 dot_signed(I32 acc, Bytes w, Bytes acts) {
   for (int i = 0; i < 32; ++i) acc.v[i / 4] += static_cast<int8_t>(w.v[i]) * static_cast<int8_t>(acts.v[i]);
   return acc;
 }
+inline I32 dot_scaled2(I32 acc, Bytes codes, Bytes acts, int16_t lo, int16_t hi) {
+  const I32 d = dot(I32{}, codes, acts);
+  for (int l = 0; l < 8; ++l) acc.v[l] += (l < 4 ? lo : hi) * d.v[l];
+  return acc;
+}
+inline I32 dot_scaled(I32 acc, Bytes codes, Bytes acts, int16_t scale) { return dot_scaled2(acc, codes, acts, scale, scale); }
 inline I32 zero_i32() { return I32{}; }
 inline I32 load_i32(const int32_t* p) { I32 a; std::memcpy(a.v, p, 32); return a; }
 inline F32 to_f32(I32 a) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = static_cast<float>(a.v[i]); return f; }
