@@ -43,9 +43,7 @@ def run_sugam(path: str, mode: str, dtype: str) -> dict:
         # Score every window through the decode kernels (int8 activations x the file's blocks) instead
         # of the dequantize + GEMM that long prompts take: each row gets exactly the arithmetic of
         # a decoded token, so this is the quality of generation, not only of prompt processing.
-        import sugam.quant.linear
-
-        sugam.quant.linear.AVX512_MAX_ROWS = sugam.quant.linear.PORTABLE_MAX_ROWS = 1 << 30
+        os.environ["SUGAM_PACKED_KERNEL_MAX_ROWS"] = str(1 << 30)
         mode = "gguf"
     llm = LLM(path, dtype=dtype, quantization=mode, max_num_seqs=1, max_model_len=CONTEXT)
     start = time.perf_counter()

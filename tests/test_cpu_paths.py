@@ -166,8 +166,10 @@ PATHS = [
     ("no-kernels", NO_KERNELS, "auto", "auto", 0.01),
     ("no-kernels-fp32", NO_KERNELS, "float32", "gguf", 0.01),
     ("aten-avx2-fp32", {**NO_KERNELS, "ATEN_CPU_CAPABILITY": "avx2"}, "float32", "gguf", 0.01),
-    # what an AVX2 CPU (no bf16 arithmetic) runs by default: sugam's AVX2 kernels, fp32 compute
-    ("avx2-kernels-fp32", {"SUGAM_NATIVE_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"}, "float32", "gguf", 0.01),
+    # what an AVX2 CPU (no bf16 arithmetic) runs by default: sugam's AVX2 kernels, fp32 compute; every
+    # prompt row through the kernels too (their batched path), not only decode
+    ("avx2-kernels-fp32", {"SUGAM_NATIVE_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "SUGAM_PACKED_KERNEL_MAX_ROWS": "100000"},
+     "float32", "gguf", 0.01),
     # (ATen DEFAULT's packing is checked by test_int4_dequantizes_to_exactly_what_its_kernel_multiplies_by;
     # its scalar kernels take minutes over a real model's vocabulary-sized head.)
     ("int8", {}, "auto", "int8", 0.01),

@@ -17,7 +17,7 @@ from ..layers.attention import AttentionMetadata, KVCache
 from ..loader.base import LoadedCheckpoint
 from ..models import CausalLM
 from ..models.native_decode import NativeDecoder
-from ..quant.arena import gather_quantized_weights
+from ..quant.arena import gather_quantized_weights, return_freed_memory
 from ..quant.formats import int4_layout
 from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
 from ..quant.policy import checkpoint_mode, weight_chooser
@@ -54,7 +54,7 @@ class ModelRunner:
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))
-        _return_freed_memory()
+        return_freed_memory()
         self.kv_caches: list[KVCache] = []
         self.block_size = 0
 
@@ -144,17 +144,3 @@ def describe_path(path: dict[str, Any]) -> str:
     return f"{where}; {path['quantization']} weights: {weights}; compute {path['compute_dtype']}"
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap memory freed by loading (dequantization temporaries) back to the OS.
-
-    glibc keeps freed heap pages for reuse, so without this RSS stays hundreds of MB above what
-    the model uses. No-op where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

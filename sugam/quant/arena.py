@@ -13,6 +13,7 @@ block is ordinary memory and nothing else changes.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 import platform
 
@@ -24,6 +25,17 @@ log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 _ALIGN = 64  # every matrix starts on a cache line (and on its element size)
+_TRIM_EVERY = 64 << 20
+
+
+def return_freed_memory() -> None:
+    """Hand heap memory freed so far back to the OS (glibc keeps freed pages for reuse, so RSS would
+    stay hundreds of MB above what the model uses). No-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _advise_huge_pages(t: torch.Tensor) -> bool:
@@ -55,12 +67,18 @@ def gather_quantized_weights(model: nn.Module, module_type: type[nn.Module]) -> 
     if total < HUGE_PAGE:
         return 0
     block = huge_page_buffer(total)
-    offset = 0
+    offset = freed = 0
     for module, name, n in entries:  # no list holds the originals: each is freed once replaced
         buf = getattr(module, name)
         view = block[offset:offset + n].view(buf.dtype).view(buf.shape)
         view.copy_(buf)
         module.register_buffer(name, view)
+        del buf
         offset += -(-n // _ALIGN) * _ALIGN
+        freed += n
+        if freed >= _TRIM_EVERY:  # glibc keeps freed heap pages: hand them back as we go, or the
+            return_freed_memory()  # copy would briefly need twice the weights' memory
+            freed = 0
+    return_freed_memory()
     log.debug("quantized weights: %d MB in one huge-page block", total >> 20)
     return total

@@ -22,6 +22,9 @@ Other devices than the CPU dequantize the weight for every call: correct, not fa
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,8 +51,13 @@ AVX512_MAX_ROWS = 16
 PORTABLE_MAX_ROWS = 128
 
 
+@functools.cache
 def packed_kernel_max_rows() -> int:
-    """Up to this many rows a packed GGUF matrix is multiplied by sugam's kernels, above by its GEMM."""
+    """Up to this many rows a packed GGUF matrix is multiplied by sugam's kernels, above by its GEMM
+    (SUGAM_PACKED_KERNEL_MAX_ROWS overrides: e.g. a large value sends prompts through the kernels too)."""
+    override = os.environ.get("SUGAM_PACKED_KERNEL_MAX_ROWS", "").strip()
+    if override:
+        return int(override)
     return AVX512_MAX_ROWS if native.isa() == "avx512" else PORTABLE_MAX_ROWS
 
 
