@@ -333,25 +333,40 @@ SUGAM_INLINE void kquant_dot(const uint8_t* const codes[R], const uint8_t* const
   }
   for (int64_t b = 0; b < supers; ++b) {
     I32 isum[R];
-    for (int j = 0; j < R; ++j) isum[j] = zero_i32();
-    for (int64_t cc = 0; cc < 4; ++cc) {
-      const int64_t c = 4 * b + cc;
+    ScaleSet sets[R][2];  // Q4_K/Q5_K: the 8 sub-scales; Q6_K: the 16, in two sets
+    for (int j = 0; j < R; ++j) {
+      isum[j] = zero_i32();
+      if constexpr (Q6) {
+        const int8_t* sc = reinterpret_cast<const int8_t*>(scales[j] + 2 * supers) + 16 * b;
+        sets[j][0] = load_scales(sc);
+        sets[j][1] = load_scales(sc + 8);
+      } else {
+        sets[j][0] = load_scales(scales[j] + 4 * supers + 8 * b);
+      }
+    }
+    // chunk CC of the super-block: Q4_K/Q5_K sub-blocks 2CC, 2CC+1; Q6_K groups 4CC .. 4CC+3
+    auto chunk = [&](auto cc_constant) {
+      constexpr int CC = decltype(cc_constant)::value;
+      const int64_t c = 4 * b + CC;
       prefetch.step();
       const Bytes a0 = load_bytes(a.q + 64 * c), a1 = load_bytes(a.q + 64 * c + 32);
       for (int j = 0; j < R; ++j) {
         Bytes lo, hi;
         chunk_codes<PLANES>(codes[j], high[j], c, lo, hi);
-        if constexpr (Q6) {  // int8 scales per 16: groups 16b + 4cc .. + 3
-          const int8_t* sc = reinterpret_cast<const int8_t*>(scales[j] + 2 * supers) + 16 * b + 4 * cc;
-          isum[j] = dot_scaled2(isum[j], lo, a0, sc[0], sc[1]);
-          isum[j] = dot_scaled2(isum[j], hi, a1, sc[2], sc[3]);
-        } else {  // 6-bit scales per 32: sub-blocks 8b + 2cc, + 1
-          const uint8_t* sc = scales[j] + 4 * supers + 8 * b + 2 * cc;
-          isum[j] = dot_scaled(isum[j], lo, a0, sc[0]);
-          isum[j] = dot_scaled(isum[j], hi, a1, sc[1]);
+        if constexpr (Q6) {
+          constexpr int G = 4 * (CC % 2);
+          isum[j] = dot_scales<G, G + 1>(isum[j], lo, a0, sets[j][CC / 2]);
+          isum[j] = dot_scales<G + 2, G + 3>(isum[j], hi, a1, sets[j][CC / 2]);
+        } else {
+          isum[j] = dot_scales<2 * CC, 2 * CC>(isum[j], lo, a0, sets[j][0]);
+          isum[j] = dot_scales<2 * CC + 1, 2 * CC + 1>(isum[j], hi, a1, sets[j][0]);
         }
       }
-    }
+    };
+    chunk(std::integral_constant<int, 0>{});
+    chunk(std::integral_constant<int, 1>{});
+    chunk(std::integral_constant<int, 2>{});
+    chunk(std::integral_constant<int, 3>{});
     const float da = a.scale[8 * b];
     for (int j = 0; j < R; ++j) {
       const float d = half_at(scales[j] + 2 * b) * da;

@@ -127,6 +127,24 @@ SUGAM_INLINE I32 dot_scaled2(I32 acc, Bytes codes, Bytes acts, int16_t lo, int16
 SUGAM_INLINE I32 dot_scaled(I32 acc, Bytes codes, Bytes acts, int16_t scale) {
   return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(_mm256_maddubs_epi16(codes.v, acts.v), _mm256_set1_epi16(scale)))};
 }
+// Eight integer sub-scales held as int16 in a register (each 128-bit half a copy), loaded once per
+// super-block; dot_scales<LO, HI> is dot_scaled2 with scales LO and HI of the set, picked by one
+// vpshufb instead of a scalar load and broadcast per block.
+struct ScaleSet { __m256i v; };
+SUGAM_INLINE ScaleSet load_scales(const uint8_t* p) {
+  return {_mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+SUGAM_INLINE ScaleSet load_scales(const int8_t* p) {
+  return {_mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+template <int LO, int HI>
+SUGAM_INLINE I32 dot_scales(I32 acc, Bytes codes, Bytes acts, ScaleSet s) {
+  const __m256i pick = _mm256_setr_epi8(2 * LO, 2 * LO + 1, 2 * LO, 2 * LO + 1, 2 * LO, 2 * LO + 1, 2 * LO, 2 * LO + 1,
+                                        2 * LO, 2 * LO + 1, 2 * LO, 2 * LO + 1, 2 * LO, 2 * LO + 1, 2 * LO, 2 * LO + 1,
+                                        2 * HI, 2 * HI + 1, 2 * HI, 2 * HI + 1, 2 * HI, 2 * HI + 1, 2 * HI, 2 * HI + 1,
+                                        2 * HI, 2 * HI + 1, 2 * HI, 2 * HI + 1, 2 * HI, 2 * HI + 1, 2 * HI, 2 * HI + 1);
+  return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(_mm256_maddubs_epi16(codes.v, acts.v), _mm256_shuffle_epi8(s.v, pick)))};
+}
 
 SUGAM_INLINE I32 zero_i32() { return {_mm256_setzero_si256()}; }
 SUGAM_INLINE I32 load_i32(const int32_t* p) { return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))}; }
@@ -257,6 +275,13 @@ SUGAM_INLINE I32 dot_scaled2(I32 acc, Bytes codes, Bytes acts, int16_t lo, int16
   return {vmlaq_n_s32(acc.lo, d.lo, lo), vmlaq_n_s32(acc.hi, d.hi, hi)};
 }
 SUGAM_INLINE I32 dot_scaled(I32 acc, Bytes codes, Bytes acts, int16_t scale) { return dot_scaled2(acc, codes, acts, scale, scale); }
+struct ScaleSet { int16x8_t v; };
+SUGAM_INLINE ScaleSet load_scales(const uint8_t* p) { return {vreinterpretq_s16_u16(vmovl_u8(vld1_u8(p)))}; }
+SUGAM_INLINE ScaleSet load_scales(const int8_t* p) { return {vmovl_s8(vld1_s8(p))}; }
+template <int LO, int HI>
+SUGAM_INLINE I32 dot_scales(I32 acc, Bytes codes, Bytes acts, ScaleSet s) {
+  return dot_scaled2(acc, codes, acts, vgetq_lane_s16(s.v, LO), vgetq_lane_s16(s.v, HI));
+}
 
 SUGAM_INLINE I32 zero_i32() { return {vdupq_n_s32(0), vdupq_n_s32(0)}; }
 SUGAM_INLINE I32 load_i32(const int32_t* p) { return {vld1q_s32(p), vld1q_s32(p + 4)}; }
@@ -369,6 +394,11 @@ inline I32 dot_scaled2(I32 acc, Bytes codes, Bytes acts, int16_t lo, int16_t hi)
   return acc;
 }
 inline I32 dot_scaled(I32 acc, Bytes codes, Bytes acts, int16_t scale) { return dot_scaled2(acc, codes, acts, scale, scale); }
+struct ScaleSet { int16_t v[8]; };
+inline ScaleSet load_scales(const uint8_t* p) { ScaleSet s; for (int i = 0; i < 8; ++i) s.v[i] = p[i]; return s; }
+inline ScaleSet load_scales(const int8_t* p) { ScaleSet s; for (int i = 0; i < 8; ++i) s.v[i] = p[i]; return s; }
+template <int LO, int HI>
+inline I32 dot_scales(I32 acc, Bytes codes, Bytes acts, ScaleSet s) { return dot_scaled2(acc, codes, acts, s.v[LO], s.v[HI]); }
 inline I32 zero_i32() { return I32{}; }
 inline I32 load_i32(const int32_t* p) { I32 a; std::memcpy(a.v, p, 32); return a; }
 inline F32 to_f32(I32 a) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = static_cast<float>(a.v[i]); return f; }
