@@ -46,7 +46,9 @@ KERNEL_MAX_ROWS = 32
 # body matmul of the 0.5B / 1.5B at 2 threads, kernels vs dequantize + bf16 GEMM, 16 rows 66 vs 88 /
 # 188 vs 235 ms, 24 rows 104 vs 115 / 271 vs 265, 32 rows 138 vs 130 / 354 vs 293 (their cost grows
 # with each row; the GEMM's barely): 16 keeps a clear margin. The portable kernels (tiled int8 GEMM)
-# against an fp32 GEMM on AVX2 win up to PORTABLE_MAX_ROWS (benchmarks/packed_gemm.py).
+# against dequantize + fp32 GEMM, both in AVX2, one layer at 2 threads (benchmarks/packed_gemm.py):
+# 0.5B 0.61 / 1.01 / 0.88-1.06 / 1.25 of the GEMM's time at 32 / 64 / 128 / 256 rows, 1.5B 0.55 /
+# 0.69 / 0.91 / 1.24: the kernels up to 128 rows.
 AVX512_MAX_ROWS = 16
 PORTABLE_MAX_ROWS = 128
 

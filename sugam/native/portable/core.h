@@ -10,11 +10,13 @@
 // bits 4 and 5; 8 bytes a plane per 64 values), then the scales. So the low nibbles of a 32-byte
 // load are one block of 32 values and the high nibbles the next: exactly one 256-bit vector each.
 //
-// Products: activations are quantized to int8 once per call, per 32 values (scale max|x| / 127,
-// all types alike); a weight block's codes times them are integer dot products; a block's sum is
-// scaled by (weight scale x activation scale) in fp32, and the types' offsets (-8, -16, mins, -32)
-// enter once per row through the activations' integer block sums. Batches decode each tile of
-// weight rows to bytes once and reuse it for every activation row (tiled int8 GEMM).
+// Products: activations are quantized to int8 once per call (scale max|x| / 127 per 32 values, or
+// per 256 for the K-quants); a weight block's codes times them are integer dot products. Q4_0 to
+// Q8_0: a block's sum is scaled by (weight scale x activation scale) in fp32 and the offsets (-8,
+// -16, m) enter once per row through the activations' integer block sums. K-quants: the integer
+// sub-scales multiply the sums in integers, one fp32 scale per 256 values (kquant_dot). Decode
+// takes two weight rows at a time; batches decode each tile of weight rows to bytes once and reuse
+// it for every activation row, four weight rows at a time (tiled int8 GEMM).
 #pragma once
 
 #include "vec.h"
