@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -85,24 +86,12 @@ namespace sugam {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "sugam decode_attention: bad shapes");
+  check_decode_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, 16);
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == dim && dim % 16 == 0 && heads % kv_heads == 0, "sugam decode_attention: head sizes");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "sugam decode_attention: contiguous tensors");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == n &&
-              block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong && context_lens.numel() == n,
-              "sugam decode_attention: block_tables [n, max_blocks] and context_lens [n] must be int64");
-  const int64_t max_blocks = block_tables.size(1);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * block_size, "sugam decode_attention: context length out of range");
-    for (int64_t b = 0; b < (lens[i] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[i * max_blocks + b] >= 0 && tables[i * max_blocks + b] < k_cache.size(0), "sugam decode_attention: block id out of range");
-  }
   const bool int8 = k_cache.scalar_type() == at::kChar;
-  TORCH_CHECK(!int8 || (k_scales.has_value() && v_scales.has_value()), "sugam decode_attention: int8 caches need scales");
   const float* ks = int8 ? k_scales->data_ptr<float>() : nullptr;
   const float* vs = int8 ? v_scales->data_ptr<float>() : nullptr;
   at::Tensor out = at::empty_like(q);

@@ -31,6 +31,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "checks.h"
+#include "gguf_layout.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -47,29 +49,10 @@ void block32_matmul(const at::Tensor& x, const at::Tensor& packed, int64_t qtype
 
 namespace {
 
-// GGML type ids (gguf.GGMLQuantizationType)
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
-
-struct Layout {
-  int64_t code_bytes, high_bytes, scale_bytes;
-  int64_t row_bytes() const { return code_bytes + high_bytes + scale_bytes; }
-};
-
-Layout layout_of(int64_t qtype, int64_t k) {
-  switch (qtype) {
-    case Q8_0: return {k, 0, k / 32 * 2};
-    case Q4_0: return {k / 2, 0, k / 32 * 2};
-    case Q5_0: return {k / 2, k / 8, k / 32 * 2};
-    case Q4_1: return {k / 2, 0, k / 32 * 4};
-    case Q5_1: return {k / 2, k / 8, k / 32 * 4};
-    case Q4_K: return {k / 2, 0, k / 256 * 4 + k / 32 * 2};
-    case Q5_K: return {k / 2, k / 8, k / 256 * 4 + k / 32 * 2};
-    case Q6_K: return {k / 2, k / 4, k / 256 * 2 + k / 16};
-  }
-  TORCH_CHECK(false, "sugam gguf kernels: unsupported GGML type ", qtype);
-}
-
-int64_t block_values(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K ? 256 : 64; }
+using sugam::block_values;
+using sugam::Layout;
+using sugam::layout_of;
+using sugam::Q4_0, sugam::Q4_1, sugam::Q5_0, sugam::Q5_1, sugam::Q8_0, sugam::Q4_K, sugam::Q5_K, sugam::Q6_K;
 
 inline float fp16(const uint8_t* p) { return sugam::fp16_at(p); }
 
@@ -216,12 +199,6 @@ float packed_row_dot(const uint8_t* row, int64_t qtype, int64_t k, float* scale1
                        : packed_row_dot<0>(row, high, scale16, offset16, qa, a_lanes, a_sum16, k, prefetch);
 }
 
-void check_packed(const at::Tensor& packed, int64_t qtype, int64_t cols) {
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
-              "sugam gguf kernels: the weight must be a contiguous 2-D uint8 CPU tensor");
-  TORCH_CHECK(cols > 0 && cols % block_values(qtype) == 0 && packed.size(1) == layout_of(qtype, cols).row_bytes(),
-              "sugam gguf kernels: ", packed.size(1), " bytes a row do not hold ", cols, " values of GGML type ", qtype);
-}
 
 using sugam::prefetch_distance;
 using sugam::prefetch_row;
@@ -312,7 +289,7 @@ namespace {
 
 // out [rows, cols] (fp32 or bf16) = the weight's values, exactly as the GGUF reference computes them.
 void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::Tensor out) {
-  check_packed(packed, qtype, cols);
+  sugam::check_packed(packed, qtype, cols);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.dim() == 2 && out.size(0) == packed.size(0) &&
               out.size(1) == cols && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "sugam gguf dequantize: out must be a contiguous fp32 or bf16 [", packed.size(0), ", ", cols, "] tensor");

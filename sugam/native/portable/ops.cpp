@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../kernels.h"
 #include "core.h"
 
@@ -32,16 +33,9 @@ void with_storage(const at::Tensor& x, const char* op, F&& f) {
   else TORCH_CHECK(false, "sugam ", op, ": dtype ", x.scalar_type());
 }
 
-void check_packed(const at::Tensor& packed, int64_t qtype, int64_t cols) {
-  TORCH_CHECK(core::known_type(qtype), "sugam gguf kernels: unsupported GGML type ", qtype);
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
-              "sugam gguf kernels: the weight must be a contiguous 2-D uint8 CPU tensor");
-  TORCH_CHECK(cols > 0 && cols % core::block_values(qtype) == 0 && packed.size(1) == core::layout_of(qtype, cols).row_bytes(),
-              "sugam gguf kernels: ", packed.size(1), " bytes a row do not hold ", cols, " values of GGML type ", qtype);
-}
 
 void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::Tensor out) {
-  check_packed(packed, qtype, cols);
+  sugam::check_packed(packed, qtype, cols);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.dim() == 2 && out.size(0) == packed.size(0) &&
               out.size(1) == cols && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "sugam gguf dequantize: out must be a contiguous fp32 or bf16 [", packed.size(0), ", ", cols, "] tensor");
@@ -61,7 +55,7 @@ namespace sugam {
 
 at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t qtype, int64_t cols,
                        const c10::optional<at::Tensor>& bias) {
-  check_packed(packed, qtype, cols);
+  sugam::check_packed(packed, qtype, cols);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) == cols, "sugam gguf matmul: x must be [rows, ", cols, "]");
   const at::Tensor x = x_in.scalar_type() == at::kBFloat16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
   const int64_t rows = x.size(0), n_out = packed.size(0), row_bytes = packed.size(1);
@@ -95,24 +89,12 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales,
                             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "sugam decode_attention: bad shapes");
+  check_decode_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, 8);
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == dim && dim % 8 == 0 && heads % kv_heads == 0, "sugam decode_attention: head sizes");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "sugam decode_attention: contiguous tensors");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.size(0) == n &&
-              block_tables.is_contiguous() && context_lens.scalar_type() == at::kLong && context_lens.numel() == n,
-              "sugam decode_attention: block_tables [n, max_blocks] and context_lens [n] must be int64");
-  const int64_t max_blocks = block_tables.size(1);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * block_size, "sugam decode_attention: context length out of range");
-    for (int64_t b = 0; b < (lens[i] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[i * max_blocks + b] >= 0 && tables[i * max_blocks + b] < k_cache.size(0), "sugam decode_attention: block id out of range");
-  }
   const bool int8 = k_cache.scalar_type() == at::kChar;
-  TORCH_CHECK(!int8 || (k_scales.has_value() && v_scales.has_value()), "sugam decode_attention: int8 caches need scales");
   const float* ks = int8 ? k_scales->data_ptr<float>() : nullptr;
   const float* vs = int8 ? v_scales->data_ptr<float>() : nullptr;
   at::Tensor out = at::empty_like(q);
