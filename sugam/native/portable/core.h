@@ -42,22 +42,20 @@ inline int planes_of(int64_t qtype) {
 
 // ---- activations ----
 
-// One activation row quantized per 32 values: codes, the block scales (also once per 16 values, for
-// Q6_K's groups) and the code sums of each 16 and each 32 values.
+// One quantized activation row: codes, the scale of each 32 values and the code sums of each 16
+// and each 32 values.
 struct Acts {
   const int8_t* q;
   const float* scale;
-  const float* scale16;
   const int32_t* sum16;
   const int32_t* sum32;
 };
 
 // One activation row -> int8 codes with one scale (max|x| / 127) per `block` values (32, or 256 for
-// the K-quants, whose integer sub-scales then apply to integer sums); the scale is stored per 32 and
-// per 16 values whatever the block, with the code sums of each 16 and 32.
+// the K-quants, whose integer sub-scales then apply to integer sums); the scale is stored per 32
+// values whatever the block, with the code sums of each 16 and 32.
 template <typename T>
-void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* scale, float* scale16, int32_t* sum16,
-                  int32_t* sum32) {
+void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* scale, int32_t* sum16, int32_t* sum32) {
   for (int64_t start = 0; start < k; start += block) {
     F32 amax = zero_f32();
     for (int64_t i = start; i < start + block; i += 8) amax = max(amax, abs(load(x + i)));
@@ -68,7 +66,7 @@ void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* scale,
       const T* xb = x + 32 * b;
       const int32_t s0 = reduce_add(round_store_i8(mul(load(xb), inv), qb)) + reduce_add(round_store_i8(mul(load(xb + 8), inv), qb + 8));
       const int32_t s1 = reduce_add(round_store_i8(mul(load(xb + 16), inv), qb + 16)) + reduce_add(round_store_i8(mul(load(xb + 24), inv), qb + 24));
-      scale[b] = scale16[2 * b] = scale16[2 * b + 1] = d;
+      scale[b] = d;
       sum16[2 * b] = s0;
       sum16[2 * b + 1] = s1;
       sum32[b] = s0 + s1;
@@ -85,90 +83,66 @@ inline int64_t activation_block(int64_t qtype) { return is_kquant(qtype) ? 256 :
 struct ActsBuffer {
   int64_t k, block;
   int8_t* q;
-  float *scale, *scale16;
+  float* scale;
   int32_t *sum16, *sum32;
-  static int64_t bytes(int64_t rows, int64_t k) { return rows * (k + 4 * (k / 32 + k / 16 + k / 16 + k / 32)); }
+  static int64_t bytes(int64_t rows, int64_t k) { return rows * (k + 4 * (k / 32 + k / 16 + k / 32)); }
   ActsBuffer(void* memory, int64_t rows, int64_t k_, int64_t block_) : k(k_), block(block_) {
     q = static_cast<int8_t*>(memory);
     scale = reinterpret_cast<float*>(q + rows * k);
-    scale16 = scale + rows * (k / 32);
-    sum16 = reinterpret_cast<int32_t*>(scale16 + rows * (k / 16));
+    sum16 = reinterpret_cast<int32_t*>(scale + rows * (k / 32));
     sum32 = sum16 + rows * (k / 16);
   }
   template <typename T>
   void quantize(int64_t r, const T* x) const {
-    quantize_row(x, k, block, q + r * k, scale + r * (k / 32), scale16 + r * (k / 16), sum16 + r * (k / 16), sum32 + r * (k / 32));
+    quantize_row(x, k, block, q + r * k, scale + r * (k / 32), sum16 + r * (k / 16), sum32 + r * (k / 32));
   }
   Acts row(int64_t r) const {
-    return {q + r * k, scale + r * (k / 32), scale16 + r * (k / 16), sum16 + r * (k / 16), sum32 + r * (k / 32)};
+    return {q + r * k, scale + r * (k / 32), sum16 + r * (k / 16), sum32 + r * (k / 32)};
   }
 };
 
 // ---- one weight row . one activation row ----
 
-// Calls f(g, dw, ow) for each vector of 8 groups g.. of a row (groups of 32 values; Q6_K: of 16), its
-// weights being dw * code + ow in each group, decoded from the scales region s; the last vector is
-// zero past the row's groups. Returns the number of groups.
+// Calls f(b, dw, ow) for each vector of 8 blocks b.. of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 row (the
+// K-quants take kquant_dot), its weights being dw * code + ow in each block of 32, decoded from the
+// scales region s; the last vector is zero past the row's blocks.
 template <typename F>
-SUGAM_INLINE int64_t for_each_scales(int64_t qtype, const uint8_t* s, int64_t k, F&& f) {
+SUGAM_INLINE void for_each_scales(int64_t qtype, const uint8_t* s, int64_t k, F&& f) {
   const int64_t blocks = k / 32;
-  switch (qtype) {
-    case Q8_0: case Q4_0: case Q5_0: case Q4_1: case Q5_1: {
-      const bool has_min = qtype == Q4_1 || qtype == Q5_1;
-      // Q8_0's codes are read signed (no offset); Q4_0 / Q5_0 are codes - 8 / - 16; Q4_1 / Q5_1 add m
-      const F32 fixed = set1(qtype == Q8_0 ? 0.0f : qtype == Q4_0 ? -8.0f : -16.0f);
-      int64_t b = 0;
-      for (; b + 8 <= blocks; b += 8) {
-        const F32 d = load_halfs(s + 2 * b);
-        f(b, d, has_min ? load_halfs(s + 2 * blocks + 2 * b) : mul(d, fixed));
-      }
-      if (b < blocks) {  // the last blocks (fewer than 8, an even number) as one zero-padded vector
-        const F32 d = load_halfs_partial(s + 2 * b, blocks - b);
-        f(b, d, has_min ? load_halfs_partial(s + 2 * blocks + 2 * b, blocks - b) : mul(d, fixed));
-      }
-      return blocks;
-    }
-    case Q4_K: case Q5_K: {  // d [supers], dmin [supers], 6-bit sc [k/32], 6-bit m [k/32]
-      const int64_t supers = k / 256;
-      const uint8_t* sc = s + 4 * supers;
-      for (int64_t b = 0; b < supers; ++b)
-        f(8 * b, mul(set1(half_at(s + 2 * b)), load_u8(sc + 8 * b)),
-          mul(set1(-half_at(s + 2 * supers + 2 * b)), load_u8(sc + blocks + 8 * b)));
-      return blocks;
-    }
-    default: {  // Q6_K: d [supers], int8 sc [k/16]; codes - 32
-      const int64_t supers = k / 256;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(s + 2 * supers);
-      for (int64_t g = 0; g < k / 16; g += 8) {
-        const F32 d = mul(set1(half_at(s + 2 * (g / 16))), load_i8(sc + g));
-        f(g, d, mul(d, set1(-32.0f)));
-      }
-      return k / 16;
-    }
+  const bool has_min = qtype == Q4_1 || qtype == Q5_1;
+  // Q8_0's codes are read signed (no offset); Q4_0 / Q5_0 are codes - 8 / - 16; Q4_1 / Q5_1 add m
+  const F32 fixed = set1(qtype == Q8_0 ? 0.0f : qtype == Q4_0 ? -8.0f : -16.0f);
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    const F32 d = load_halfs(s + 2 * b);
+    f(b, d, has_min ? load_halfs(s + 2 * blocks + 2 * b) : mul(d, fixed));
+  }
+  if (b < blocks) {  // the last blocks (fewer than 8, an even number) as one zero-padded vector
+    const F32 d = load_halfs_partial(s + 2 * b, blocks - b);
+    f(b, d, has_min ? load_halfs_partial(s + 2 * blocks + 2 * b, blocks - b) : mul(d, fixed));
   }
 }
 
-// floats of a row's per-group scale arrays: a group per 16 values at most, and room for a padded vector
-inline int64_t scale_slots(int64_t k) { return k / 16 + 8; }
+// floats of a row's per-block scale arrays: one per 32 values and room for a padded vector
+inline int64_t scale_slots(int64_t k) { return k / 32 + 8; }
 
 // The row's dw and ow as arrays of scale_slots(k) floats (the batched path decodes them once a tile).
-inline int64_t weight_scales(int64_t qtype, const uint8_t* s, int64_t k, float* dw, float* ow) {
-  return for_each_scales(qtype, s, k, [&](int64_t g, F32 d, F32 o) {
+inline void weight_scales(int64_t qtype, const uint8_t* s, int64_t k, float* dw, float* ow) {
+  for_each_scales(qtype, s, k, [&](int64_t g, F32 d, F32 o) {
     store(dw + g, d);
     store(ow + g, o);
   });
 }
 
-// Scales of a weight row times one activation row's: ds[g] = dw[g] * da[g] (into scale_slots(k)
-// floats) and the offset term sum_g ow[g] * da[g] * sum(qa in g).
+// Scales of a weight row times one activation row's: ds[b] = dw[b] * da[b] (into scale_slots(k)
+// floats) and the offset term sum_b ow[b] * da[b] * sum(qa in b).
 struct ScaleProduct {
   const float* da;
   const int32_t* sums;
   int64_t groups;
   float* ds;
   F32 off = zero_f32();
-  ScaleProduct(const Acts& a, bool per16, int64_t k, float* ds_) : da(per16 ? a.scale16 : a.scale),
-      sums(per16 ? a.sum16 : a.sum32), groups(per16 ? k / 16 : k / 32), ds(ds_) {}
+  ScaleProduct(const Acts& a, int64_t k, float* ds_) : da(a.scale), sums(a.sum32), groups(k / 32), ds(ds_) {}
   SUGAM_INLINE void operator()(int64_t g, F32 dw, F32 ow) {
     F32 sa;
     I32 sum;
@@ -185,15 +159,15 @@ struct ScaleProduct {
 };
 
 // ds and the offset term from a row's decoded dw / ow (weight_scales)
-inline float combine_scales(const float* dw, const float* ow, int64_t k, bool per16, const Acts& a, float* ds) {
-  ScaleProduct product(a, per16, k, ds);
+inline float combine_scales(const float* dw, const float* ow, int64_t k, const Acts& a, float* ds) {
+  ScaleProduct product(a, k, ds);
   for (int64_t g = 0; g < product.groups; g += 8) product(g, load(dw + g), load(ow + g));
   return reduce_add(product.off);
 }
 
 // The same straight from the row's scales region, in one pass (decode: each row is used once)
 inline float row_scales(int64_t qtype, const uint8_t* s, int64_t k, const Acts& a, float* ds) {
-  ScaleProduct product(a, qtype == Q6_K, k, ds);
+  ScaleProduct product(a, k, ds);
   for_each_scales(qtype, s, k, product);
   return reduce_add(product.off);
 }
@@ -235,9 +209,9 @@ SUGAM_INLINE void chunk_codes(const uint8_t* codes, const uint8_t* high, int64_t
 // For R weight rows j at once: out[j] = sum over blocks of ds[j][block] * (codes[j] . qa), each
 // activation chunk loaded once for the R rows (more independent work in flight, fewer loads).
 // PLANES as chunk_codes (-1: bytes, as Q8_0 rows and decoded rows hold them); SIGNED: the bytes are
-// code + 128 (Q8_0); PAIRS: a scale per 16 values (Q6_K). A row's arithmetic does not depend on R
-// (two accumulators, summed at the end), so a row's result is the same in any batch.
-template <int PLANES, bool SIGNED, bool PAIRS, int R>
+// code + 128 (Q8_0). A row's arithmetic does not depend on R (two accumulators, summed at the end),
+// so a row's result is the same in any batch.
+template <int PLANES, bool SIGNED, int R>
 SUGAM_INLINE void blocks_dot(const uint8_t* const codes[R], const uint8_t* const high[R], const float* const ds[R],
                              const int8_t* qa, int64_t k, SpreadPrefetch* pf, float out[R]) {
   SpreadPrefetch prefetch = pf ? *pf : SpreadPrefetch(nullptr, 0, 1);  // a local copy lives in registers
@@ -257,33 +231,24 @@ SUGAM_INLINE void blocks_dot(const uint8_t* const codes[R], const uint8_t* const
         d0 = dot(zero_i32(), lo, a0);
         d1 = dot(zero_i32(), hi, a1);
       }
-      const float* d = ds[j];
-      const F32 s0 = PAIRS ? set_halves(d + 4 * c) : set1(d[2 * c]);
-      const F32 s1 = PAIRS ? set_halves(d + 4 * c + 2) : set1(d[2 * c + 1]);
-      acc0[j] = fma(to_f32(d0), s0, acc0[j]);
-      acc1[j] = fma(to_f32(d1), s1, acc1[j]);
+      acc0[j] = fma(to_f32(d0), set1(ds[j][2 * c]), acc0[j]);
+      acc1[j] = fma(to_f32(d1), set1(ds[j][2 * c + 1]), acc1[j]);
     }
   }
   for (int j = 0; j < R; ++j) out[j] = reduce_add(add(acc0[j], acc1[j]));
 }
 
-// R rows of one type: packed (decoded = false) or decoded to bytes by decode_codes.
+// R rows of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrix: packed (decoded = false) or decoded to bytes
+// by decode_codes.
 template <int R>
 inline void rows_dot(int64_t qtype, const uint8_t* const codes[R], bool decoded, int64_t k, const float* const ds[R],
                      const int8_t* qa, SpreadPrefetch* pf, float out[R]) {
   const uint8_t* high[R];
   for (int j = 0; j < R; ++j) high[j] = decoded ? nullptr : codes[j] + layout_of(qtype, k).code_bytes;
-  if (decoded || qtype == Q8_0) {
-    if (qtype == Q8_0) blocks_dot<-1, true, false, R>(codes, high, ds, qa, k, pf, out);
-    else if (qtype == Q6_K) blocks_dot<-1, false, true, R>(codes, high, ds, qa, k, pf, out);
-    else blocks_dot<-1, false, false, R>(codes, high, ds, qa, k, pf, out);
-    return;
-  }
-  switch (qtype) {
-    case Q4_0: case Q4_1: case Q4_K: blocks_dot<0, false, false, R>(codes, high, ds, qa, k, pf, out); break;
-    case Q5_0: case Q5_1: case Q5_K: blocks_dot<1, false, false, R>(codes, high, ds, qa, k, pf, out); break;
-    default: blocks_dot<2, false, true, R>(codes, high, ds, qa, k, pf, out); break;
-  }
+  if (qtype == Q8_0) blocks_dot<-1, true, R>(codes, high, ds, qa, k, pf, out);
+  else if (decoded) blocks_dot<-1, false, R>(codes, high, ds, qa, k, pf, out);
+  else if (qtype == Q5_0 || qtype == Q5_1) blocks_dot<1, false, R>(codes, high, ds, qa, k, pf, out);
+  else blocks_dot<0, false, R>(codes, high, ds, qa, k, pf, out);
 }
 
 // K-quant rows (Q4_K, Q5_K, Q6_K) times one activation row quantized per 256 values, R rows at once.
@@ -422,7 +387,6 @@ void matmul_rows(const ActsBuffer& acts, int64_t rows, const uint8_t* w, int64_t
   float* ow = dw + kTileRows * slots;              // kTileRows x slots
   uint8_t* tile = reinterpret_cast<uint8_t*>(ow + kTileRows * slots);
   const int64_t ahead = prefetch_distance(row_bytes);
-  const bool per16 = qtype == Q6_K;
   if (rows == 1) {  // decode: stream each row once, codes decoded in registers, kDecodeRows rows at a time
     const Acts a = acts.row(0);
     int64_t n = n0;
@@ -478,7 +442,7 @@ void matmul_rows(const ActsBuffer& acts, int64_t rows, const uint8_t* w, int64_t
           kquant_rows<R>(qtype, codes, packed, true, k, a, nullptr, dot);
         } else {
           for (int j = 0; j < R; ++j) {
-            offset[j] = combine_scales(dw + (n + j - t0) * slots, ow + (n + j - t0) * slots, k, per16, a, ds4 + j * slots);
+            offset[j] = combine_scales(dw + (n + j - t0) * slots, ow + (n + j - t0) * slots, k, a, ds4 + j * slots);
             scales[j] = ds4 + j * slots;
           }
           rows_dot<R>(qtype, codes, true, k, scales, a.q, nullptr, dot);

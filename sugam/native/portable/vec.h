@@ -165,8 +165,6 @@ SUGAM_INLINE I32 round_store_i8(F32 v, int8_t* q) {
 
 SUGAM_INLINE F32 zero_f32() { return {_mm256_setzero_ps()}; }
 SUGAM_INLINE F32 set1(float x) { return {_mm256_set1_ps(x)}; }
-// lanes 0-3: p[0], lanes 4-7: p[1]
-SUGAM_INLINE F32 set_halves(const float* p) { return {_mm256_set_m128(_mm_broadcast_ss(p + 1), _mm_broadcast_ss(p))}; }
 SUGAM_INLINE F32 load(const float* p) { return {_mm256_loadu_ps(p)}; }
 SUGAM_INLINE F32 load(const bf16* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16))};
@@ -295,7 +293,6 @@ SUGAM_INLINE I32 round_store_i8(F32 v, int8_t* q) {
 
 SUGAM_INLINE F32 zero_f32() { return {vdupq_n_f32(0), vdupq_n_f32(0)}; }
 SUGAM_INLINE F32 set1(float x) { return {vdupq_n_f32(x), vdupq_n_f32(x)}; }
-SUGAM_INLINE F32 set_halves(const float* p) { return {vld1q_dup_f32(p), vld1q_dup_f32(p + 1)}; }
 SUGAM_INLINE F32 load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
 SUGAM_INLINE F32 load(const bf16* p) {
   const uint16x8_t b = vld1q_u16(reinterpret_cast<const uint16_t*>(p));
@@ -413,7 +410,6 @@ inline I32 round_store_i8(F32 v, int8_t* q) {
 }
 inline F32 zero_f32() { return F32{}; }
 inline F32 set1(float x) { F32 f; for (auto& v : f.v) v = x; return f; }
-inline F32 set_halves(const float* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = p[i / 4]; return f; }
 template <typename T>
 inline F32 load(const T* p) { F32 f; for (int i = 0; i < 8; ++i) f.v[i] = load1(p + i); return f; }
 inline F32 load_halfs(const uint8_t* p) {
