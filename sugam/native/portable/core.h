@@ -262,12 +262,8 @@ SUGAM_INLINE void kquant_dot(const uint8_t* const codes[R], const uint8_t* const
                              const Acts& a, int64_t k, SpreadPrefetch* pf, float out[R]) {
   SpreadPrefetch prefetch = pf ? *pf : SpreadPrefetch(nullptr, 0, 1);
   const int64_t supers = k / 256;
-  F32 acc[R];
-  float offset[R];
-  for (int j = 0; j < R; ++j) {
-    acc[j] = zero_f32();
-    offset[j] = 0.0f;
-  }
+  F32 acc[R], off[R];
+  for (int j = 0; j < R; ++j) acc[j] = off[j] = zero_f32();
   for (int64_t b = 0; b < supers; ++b) {
     I32 isum[R];
     ScaleSet sets[R][2];  // Q4_K/Q5_K: the 8 sub-scales; Q6_K: the 16, in two sets
@@ -308,19 +304,21 @@ SUGAM_INLINE void kquant_dot(const uint8_t* const codes[R], const uint8_t* const
     for (int j = 0; j < R; ++j) {
       const float d = half_at(scales[j] + 2 * b) * da;
       acc[j] = fma(to_f32(isum[j]), set1(d), acc[j]);
-      if constexpr (Q6) {  // -32 * sum_g sc_g * sum(qa in g): exact in fp32 (|terms| < 2^24)
+      // the offsets in vector lanes, summed across lanes once a row (a horizontal sum per
+      // super-block cost as much as a chunk's products)
+      if constexpr (Q6) {  // -32 * d * sum_g sc_g * sum(qa in g); sc_g * sum is exact in fp32
         const int8_t* sc = reinterpret_cast<const int8_t*>(scales[j] + 2 * supers) + 16 * b;
-        const float total = reduce_add(fma(load_i8(sc + 8), to_f32(load_i32(a.sum16 + 16 * b + 8)),
-                                           mul(load_i8(sc), to_f32(load_i32(a.sum16 + 16 * b)))));
-        offset[j] += -32.0f * d * total;
-      } else {  // - dmin * sum_j m_j * sum(qa in j)
+        const F32 terms = fma(load_i8(sc + 8), to_f32(load_i32(a.sum16 + 16 * b + 8)),
+                              mul(load_i8(sc), to_f32(load_i32(a.sum16 + 16 * b))));
+        off[j] = fma(terms, set1(-32.0f * d), off[j]);
+      } else {  // - dmin * da * sum_j m_j * sum(qa in j)
         const uint8_t* mins = scales[j] + 4 * supers + k / 32 + 8 * b;
-        const float total = reduce_add(mul(load_u8(mins), to_f32(load_i32(a.sum32 + 8 * b))));
-        offset[j] += -half_at(scales[j] + 2 * supers + 2 * b) * da * total;
+        const F32 terms = mul(load_u8(mins), to_f32(load_i32(a.sum32 + 8 * b)));
+        off[j] = fma(terms, set1(-half_at(scales[j] + 2 * supers + 2 * b) * da), off[j]);
       }
     }
   }
-  for (int j = 0; j < R; ++j) out[j] = reduce_add(acc[j]) + offset[j];
+  for (int j = 0; j < R; ++j) out[j] = reduce_add(acc[j]) + reduce_add(off[j]);
 }
 
 template <int R>
