@@ -49,6 +49,7 @@ _PORTABLE_SOURCES = ("portable/ops.cpp", "decoder.cpp")
 ISAS = ("avx512", "avx2", "neon", "scalar")
 
 
+@cache
 def _arm_dotprod() -> bool:
     if platform.system() == "Darwin":
         try:

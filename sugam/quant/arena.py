@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
 
@@ -28,24 +29,27 @@ _ALIGN = 64  # every matrix starts on a cache line (and on its element size)
 _TRIM_EVERY = 64 << 20
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def return_freed_memory() -> None:
     """Hand heap memory freed so far back to the OS (glibc keeps freed pages for reuse, so RSS would
     stay hundreds of MB above what the model uses). No-op where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _advise_huge_pages(t: torch.Tensor) -> bool:
-    if platform.system() != "Linux":
+    libc = _libc()
+    if platform.system() != "Linux" or libc is None or not hasattr(libc, "madvise"):
         return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.madvise(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel()), _MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
+    return libc.madvise(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel()), _MADV_HUGEPAGE) == 0
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:

@@ -129,6 +129,12 @@ def _dequantized_transpose(weight: Int8Weight | Int4Weight, dtype: torch.dtype,
     return buf.view(k, n), None
 
 
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the dequantize + GEMM paths compute in: the model's (bf16 where the CPU has bf16
+    arithmetic, else fp32: emulated bf16 GEMMs are 2-3x slower than fp32 ones on AVX2)."""
+    return dtype if dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+
+
 def _dequantized_matmul(x: torch.Tensor, weight: Int8Weight | Int4Weight) -> torch.Tensor:
     """x [rows, in] @ W^T for many rows, in x's dtype: the weight is dequantized into the shared buffer
     and multiplied by the GEMM, a chunk of output rows at a time (bounded buffer for any matrix)."""
@@ -163,7 +169,7 @@ def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
     if x.shape[0] <= packed_kernel_max_rows():
         return native.gguf_matmul(x, packed, qtype, cols, bias)
     n = packed.shape[0]
-    compute = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+    compute = _gemm_dtype(x.dtype)
     xc = x.to(compute)
     out = torch.empty(x.shape[0], n, dtype=compute)
     step = max(1, DEQUANT_CHUNK_VALUES // cols)
@@ -185,10 +191,7 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.linear(x.to(torch.bfloat16), weight.dequantize(torch.bfloat16)).to(dtype)
     if x.shape[0] > KERNEL_MAX_ROWS:
-        # The GEMM runs in the model's dtype: bf16 where the CPU has bf16 arithmetic, else fp32
-        # (emulated bf16 GEMMs are 2-3x slower than fp32 ones on AVX2).
-        compute = dtype if dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
-        return _dequantized_matmul(x.to(compute), weight).to(dtype)
+        return _dequantized_matmul(x.to(_gemm_dtype(dtype)), weight).to(dtype)
     return _kernel_matmul(x.to(torch.bfloat16), weight).to(dtype)
 
 

@@ -128,9 +128,9 @@ inline int64_t scale_slots(int64_t k) { return k / 32 + 8; }
 
 // The row's dw and ow as arrays of scale_slots(k) floats (the batched path decodes them once a tile).
 inline void weight_scales(int64_t qtype, const uint8_t* s, int64_t k, float* dw, float* ow) {
-  for_each_scales(qtype, s, k, [&](int64_t g, F32 d, F32 o) {
-    store(dw + g, d);
-    store(ow + g, o);
+  for_each_scales(qtype, s, k, [&](int64_t b, F32 d, F32 o) {
+    store(dw + b, d);
+    store(ow + b, o);
   });
 }
 
@@ -139,21 +139,21 @@ inline void weight_scales(int64_t qtype, const uint8_t* s, int64_t k, float* dw,
 struct ScaleProduct {
   const float* da;
   const int32_t* sums;
-  int64_t groups;
+  int64_t blocks;
   float* ds;
   F32 off = zero_f32();
-  ScaleProduct(const Acts& a, int64_t k, float* ds_) : da(a.scale), sums(a.sum32), groups(k / 32), ds(ds_) {}
-  SUGAM_INLINE void operator()(int64_t g, F32 dw, F32 ow) {
+  ScaleProduct(const Acts& a, int64_t k, float* ds_) : da(a.scale), sums(a.sum32), blocks(k / 32), ds(ds_) {}
+  SUGAM_INLINE void operator()(int64_t b, F32 dw, F32 ow) {
     F32 sa;
     I32 sum;
-    if (g + 8 <= groups) {
-      sa = load(da + g);
-      sum = load_i32(sums + g);
-    } else {  // past the last group: zeros, as dw and ow are there
-      sa = load_partial(da + g, groups - g);
-      sum = load_partial(sums + g, groups - g);
+    if (b + 8 <= blocks) {
+      sa = load(da + b);
+      sum = load_i32(sums + b);
+    } else {  // past the last block: zeros, as dw and ow are there
+      sa = load_partial(da + b, blocks - b);
+      sum = load_partial(sums + b, blocks - b);
     }
-    store(ds + g, mul(dw, sa));
+    store(ds + b, mul(dw, sa));
     off = fma(mul(ow, sa), to_f32(sum), off);
   }
 };
@@ -161,7 +161,7 @@ struct ScaleProduct {
 // ds and the offset term from a row's decoded dw / ow (weight_scales)
 inline float combine_scales(const float* dw, const float* ow, int64_t k, const Acts& a, float* ds) {
   ScaleProduct product(a, k, ds);
-  for (int64_t g = 0; g < product.groups; g += 8) product(g, load(dw + g), load(ow + g));
+  for (int64_t b = 0; b < product.blocks; b += 8) product(b, load(dw + b), load(ow + b));
   return reduce_add(product.off);
 }
 
@@ -360,12 +360,9 @@ inline void decode_codes(int64_t qtype, const uint8_t* row, int64_t k, uint8_t* 
 }
 
 // Weight rows a decode step (one activation row) multiplies at once: more independent work in flight
-// for the out-of-order core (single-core Q5_0 decode: 13.5 -> 21.4 G multiply-adds/s on a Zen 4 in
-// AVX2 with 2 rows; 4 rows run out of the 16 vector registers)
-#ifndef SUGAM_DECODE_ROWS
-#define SUGAM_DECODE_ROWS 2
-#endif
-constexpr int kDecodeRows = SUGAM_DECODE_ROWS;
+// for the out-of-order core (single-core Q5_0 decode on a Zen 4 in AVX2, 1 / 2 / 4 rows in turns:
+// medians 14.4 / 15.3 / 13.7 G multiply-adds/s; 4 rows run out of the 16 vector registers)
+constexpr int kDecodeRows = 2;
 
 // Rows of weights the batched path decodes at a time: their codes stay in L2 while every activation
 // row of the call passes over them.

@@ -12,6 +12,7 @@
 #include "core.h"
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace core = sugam::SUGAM_CORE_NS;
@@ -34,6 +35,10 @@ void with_storage(const at::Tensor& x, const char* op, F&& f) {
 }
 
 
+// Scratch memory the kernels write before they read: not zero-filled (a matmul runs ~100 times a
+// decoded token, each with its own activation and tile buffers).
+std::unique_ptr<uint8_t[]> scratch_bytes(int64_t n) { return std::unique_ptr<uint8_t[]>(new uint8_t[n]); }
+
 void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::Tensor out) {
   sugam::check_packed(packed, qtype, cols);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.dim() == 2 && out.size(0) == packed.size(0) &&
@@ -43,8 +48,8 @@ void gguf_dequantize(const at::Tensor& packed, int64_t qtype, int64_t cols, at::
   const uint8_t* w = packed.data_ptr<uint8_t>();
   with_storage(out, "gguf_dequantize", [&](auto* y) {
     at::parallel_for(0, packed.size(0), 16, [&](int64_t n0, int64_t n1) {
-      std::vector<uint8_t> codes(cols);
-      for (int64_t n = n0; n < n1; ++n) core::dequantize_row(qtype, w + n * row_bytes, cols, codes.data(), y + n * cols);
+      const auto codes = scratch_bytes(cols);
+      for (int64_t n = n0; n < n1; ++n) core::dequantize_row(qtype, w + n * row_bytes, cols, codes.get(), y + n * cols);
     });
   });
 }
@@ -65,8 +70,8 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
     bias_f = bias->to(at::kFloat).contiguous();
   }
   const float* bias_p = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  std::vector<uint8_t> memory(core::ActsBuffer::bytes(rows, cols));
-  const core::ActsBuffer acts(memory.data(), rows, cols, core::activation_block(qtype));
+  const auto memory = scratch_bytes(core::ActsBuffer::bytes(rows, cols));
+  const core::ActsBuffer acts(memory.get(), rows, cols, core::activation_block(qtype));
   at::Tensor out = at::empty({rows, n_out}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   with_storage(x, "gguf_matmul", [&](auto* xp) {
@@ -77,8 +82,8 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
     using T = std::remove_pointer_t<decltype(xp)>;
     T* y = data_as<T>(out);
     at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
-      std::vector<uint8_t> scratch(core::matmul_scratch_bytes(cols));
-      core::matmul_rows(acts, rows, w, row_bytes, qtype, cols, n0, n1, bias_p, y, n_out, scratch.data());
+      const auto scratch = scratch_bytes(core::matmul_scratch_bytes(cols));
+      core::matmul_rows(acts, rows, w, row_bytes, qtype, cols, n0, n1, bias_p, y, n_out, scratch.get());
     });
   });
   return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
