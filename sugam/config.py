@@ -12,10 +12,14 @@ from typing import Any
 
 from .errors import ModelFormatError
 
-SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "llama")
-
-# HF model_type / GGUF general.architecture -> our architecture family.
+# HF model_type / GGUF general.architecture -> the architecture family registered in models/registry.py.
 _ARCH_ALIASES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "mistral": "llama"}
+
+
+def _supported() -> str:
+    from .models.registry import supported_architectures  # late: the models import this module
+
+    return ", ".join(supported_architectures())
 
 
 @dataclass
@@ -43,10 +47,9 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ModelFormatError(
-                f"unsupported architecture {self.architecture!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        from .models.registry import model_class
+
+        model_class(self.architecture)  # an unknown architecture is refused here, naming the known ones
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -79,7 +82,7 @@ class ModelConfig:
         arch = _ARCH_ALIASES.get(model_type) if isinstance(model_type, str) else None
         if arch is None:
             raise ModelFormatError(
-                f"unsupported model_type {model_type!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported model_type {model_type!r}; sugam runs {_supported()}"
             )
         try:
             heads = int(cfg["num_attention_heads"])
@@ -126,7 +129,7 @@ class ModelConfig:
         arch = _ARCH_ALIASES.get(gguf_arch) if isinstance(gguf_arch, str) else None
         if arch is None:
             raise ModelFormatError(
-                f"unsupported architecture {gguf_arch!r}; sugam runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {gguf_arch!r}; sugam runs {_supported()}"
             )
 
         def integer(key: str, default: int | None = None) -> int:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine.batch import BatchEntry, ForwardBatch
 from .engine.llm_engine import LLMEngine
 from .errors import SugamError
-from .layers.attention import AttentionMetadata
 
 
 @dataclass
@@ -63,16 +63,13 @@ def perplexity(engine: LLMEngine, token_ids: list[int], context: int = 512, stri
         for i, (start, end, first_scored) in enumerate(spans):
             window = token_ids[start:end]
             n = len(window)
-            positions = torch.arange(n, device=runner.device)
-            slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], device=runner.device)
-            meta = AttentionMetadata.build(slots, [n], [n], [torch.tensor(table, device=runner.device)])
-            hidden = runner.model(torch.tensor(window, device=runner.device), positions, runner.kv_caches, meta)
+            hidden = runner.forward(ForwardBatch.build([BatchEntry(window, 0, table, 0)], bs, runner.device))
             # Rows whose next token is scored: positions first_scored-1 .. n-2 of the window.
             rows = torch.arange(first_scored - start - 1, n - 1, device=runner.device)
             targets = torch.tensor(window, device=runner.device)[rows + 1]
             for chunk in range(0, len(rows), 128):  # bound the logits buffer
                 r = rows[chunk:chunk + 128]
-                logprobs = runner.model.compute_logits(hidden[r]).log_softmax(-1)
+                logprobs = runner.compute_logits(hidden[r]).log_softmax(-1)
                 total_nll -= float(logprobs.gather(1, targets[chunk:chunk + 128, None]).sum())
             scored += len(rows)
             if progress:

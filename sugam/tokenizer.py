@@ -222,6 +222,14 @@ class IncrementalDetokenizer:
             return full[len(prefix):]
         return ""
 
+    def snapshot(self) -> tuple[int, int, int]:
+        """Enough to restore this state later (tokens are only ever appended after it)."""
+        return len(self._ids), self._prefix_offset, self._read_offset
+
+    def restore(self, snapshot: tuple[int, int, int]) -> None:
+        length, self._prefix_offset, self._read_offset = snapshot
+        del self._ids[length:]
+
     def flush(self) -> str:
         """Whatever is left when generation ends, even an incomplete character."""
         prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)

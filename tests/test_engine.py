@@ -81,7 +81,7 @@ def test_no_block_leaks_under_random_traffic(folder, reqs, pool_tokens):
                 engine.abort_request(out.request_id)
         step += 1
         bm = engine.block_manager
-        in_use = sum(len(s.block_table) for s in engine.running)
+        in_use = sum(len(s.block_table) for s in engine.scheduler.running)
         assert bm.num_used_blocks <= in_use  # shared blocks are counted once
         assert step < 2000
     assert all_free(llm)
@@ -142,3 +142,38 @@ def test_per_request_parameters_in_one_batch(folder):
                                                           b.outputs[0].finish_reason)
     assert [len(o.outputs[0].token_ids) for o in together][3] == 3
     assert together[2].outputs[0].finish_reason == "stop"
+
+
+def test_rolled_back_guesses_leave_no_trace(folder):
+    """The contract speculative decoding builds on: a step that computes guessed tokens after each
+    sequence's newest one, keeps none of them (update with num_kept) and samples from the first
+    row gives exactly the tokens of plain decoding, and every block comes back."""
+    from sugam.engine.batch import ForwardBatch
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [[5, 17, 42, 99, 7], [8, 9], [30, 31, 32, 33, 34, 35, 36]]
+    expected = [o.outputs[0].token_ids for o in LLM(folder, dtype="float32", block_size=4).generate(prompts, params)]
+
+    llm = LLM(folder, dtype="float32", block_size=4)
+    engine = llm.engine
+    seqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        out = engine.scheduler.schedule()
+        for entry in out.scheduled:
+            guesses = [(entry.start * 7 + i) % 250 + 3 for i in range(3)]  # wrong on purpose (mostly)
+            if entry.samples and engine.block_manager.can_grow(entry.seq, entry.start + entry.num_tokens + 3):
+                entry.draft_token_ids = guesses
+                engine.block_manager.grow(entry.seq, entry.start + entry.num_tokens)
+        batch = ForwardBatch.from_schedule(out, engine.block_manager.block_size, engine.device)
+        logits = engine.runner.execute(batch)
+        sampling = [e for e in out.scheduled if e.samples]
+        first_rows, row = [], 0
+        for e in sampling:  # each sequence's row for its newest token; the guesses' rows follow it
+            first_rows.append(row)
+            row += e.num_logits
+        tokens = engine.sampler(logits[first_rows], [e.seq for e in sampling]) if sampling else []
+        for e, (token, logprobs) in zip(sampling, tokens):
+            engine.outputs.append(e.seq, token, logprobs)
+        engine.scheduler.update(out, num_kept=[e.num_new_tokens for e in out.scheduled])
+    assert [s.output_token_ids for s in seqs] == expected
+    assert all_free(llm)

@@ -57,5 +57,18 @@ def test_config_that_disagrees_with_weights_is_refused(tmp_path, tiny_models):
         LLM(str(folder), dtype="float32")
     cfg["model_type"] = "gpt_neox"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelFormatError, match="gpt_neox"):
+    with pytest.raises(ModelFormatError, match="unsupported model_type 'gpt_neox'; sugam runs qwen2, qwen3, llama"):
         open_checkpoint(folder)
+
+
+def test_models_come_from_the_registry_by_architecture():
+    from sugam.config import ModelConfig
+    from sugam.models import LlamaForCausalLM, Qwen3ForCausalLM, model_class, supported_architectures
+
+    assert supported_architectures() == ("qwen2", "qwen3", "llama")
+    assert model_class("qwen3") is Qwen3ForCausalLM and model_class("llama") is LlamaForCausalLM
+    assert all(model_class(a).declares_native_decoder() for a in supported_architectures())
+    with pytest.raises(ModelFormatError, match="unsupported architecture 'mamba'; sugam runs qwen2, qwen3, llama"):
+        model_class("mamba")
+    with pytest.raises(ModelFormatError, match="unsupported architecture 'mamba'"):
+        ModelConfig("mamba", 10, 8, 8, 1, 2, 1, 4)

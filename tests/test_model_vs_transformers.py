@@ -87,6 +87,6 @@ def test_batched_chunked_and_preempted_runs_match_single(tiny_models):
     per_token = 2 * 2 * 2 * 16 * 4  # layers * (k, v) * kv_heads * head_dim * fp32 bytes
     small = LLM(str(folder), dtype="float32", block_size=4, kv_cache_memory=per_token * 96)
     preempted = small.generate(prompts, params)
-    assert small.engine.num_preemptions > 0
+    assert small.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in preempted] == alone
     assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks

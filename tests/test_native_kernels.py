@@ -163,10 +163,10 @@ def test_native_decoder_gives_the_python_layers_results_exactly(tmp_path, monkey
                    kv_cache_dtype="int8" if "int8" in case else "auto", block_size=8)
 
     llm = load()
-    decoder = llm.engine.runner.model.native_decoder
+    decoder = llm.engine.runner.native_decoder
     assert decoder is not None
     if case == "qwen2-mixed-types":  # v's type differs, so q|k and v are two matrices
-        assert hasattr(llm.engine.runner.model.model.layers[0].self_attn, "qk_proj")
+        assert len(llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.parts) == 2
 
     calls = []
     real = native_decode.native.decode_layers
@@ -177,7 +177,7 @@ def test_native_decoder_gives_the_python_layers_results_exactly(tmp_path, monkey
     native_logits = _step_logits(llm, prompts, steps)
     assert calls and max(calls) == len(prompts)  # the decode steps of all three went through it
     reference = load()  # a fresh engine: with the first one's prefix cache the prefill would differ
-    reference.engine.runner.model.native_decoder = None
+    reference.engine.runner.native_decoder = None
     python_logits = _step_logits(reference, prompts, steps)
     assert len(native_logits) == len(python_logits)
     for a, b in zip(native_logits, python_logits):
@@ -196,9 +196,40 @@ def test_native_decoder_only_where_its_kernels_apply(tmp_path):
     model = build_hf_model(tmp_path / "hf", "qwen2", hidden_size=128, intermediate_size=256)
     path = tmp_path / "m.gguf"
     write_gguf(path, model, train_tokenizer(), quant=QT.Q8_0)
-    assert LLM(str(path), dtype="float32").engine.runner.model.native_decoder is None  # the exact reference path
-    assert LLM(str(path), dtype="bfloat16", quantization="int8").engine.runner.model.native_decoder is None
-    assert LLM(str(path), dtype="bfloat16").engine.runner.model.native_decoder is not None
+    assert LLM(str(path), dtype="float32").engine.runner.native_decoder is None  # the exact reference path
+    assert LLM(str(path), dtype="bfloat16", quantization="int8").engine.runner.native_decoder is None
+    assert LLM(str(path), dtype="bfloat16").engine.runner.native_decoder is not None
+
+
+def test_native_decoder_runs_only_architectures_that_declare_it(tmp_path, monkeypatch):
+    """A registered model class that does not itself declare the native decoder's layer form (here
+    a subclass of Qwen2's, as a new model reusing its tensor names would be) takes the Python
+    layers, even where every weight would suit the native decoder."""
+    from conftest import build_hf_model, train_tokenizer
+    from gguf_writer import write_gguf
+
+    from sugam import LLM, SamplingParams
+    from sugam.models import Qwen2ForCausalLM, registry
+
+    model = build_hf_model(tmp_path / "hf", "qwen2", hidden_size=128, intermediate_size=256)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, train_tokenizer(), quant=QT.Q8_0)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    declared = LLM(str(path), dtype="bfloat16")
+    expected = declared.generate([[5, 17, 42]], params)[0].outputs[0].token_ids
+    assert declared.engine.runner.native_decoder_steps == 5  # every decode step after the prompt
+
+    class LookalikeModel(Qwen2ForCausalLM):
+        pass
+
+    monkeypatch.setitem(registry._MODELS, "qwen2", LookalikeModel)
+    lookalike = LLM(str(path), dtype="bfloat16")
+    runner = lookalike.engine.runner
+    assert isinstance(runner.model, LookalikeModel) and runner.native_decoder is None
+    assert lookalike.generate([[5, 17, 42]], params)[0].outputs[0].token_ids == expected
+    assert runner.native_decoder_steps == 0
+    assert lookalike.engine.runner.execution_path()["native_decoder"] is False
 
 
 def test_small_layers_round_as_the_pytorch_ops():

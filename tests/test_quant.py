@@ -137,9 +137,9 @@ def test_gguf_model_keeps_weights_quantized_and_agrees_with_dense(tmp_path, monk
     runner = packed.engine.runner
     assert runner.quantization == "gguf"
     mlp = runner.model.model.layers[0].mlp
-    assert isinstance(mlp.gate_up_proj, QuantizedLinear)  # gate and up fused after loading
+    assert isinstance(mlp.gate_up_proj.parts[0], QuantizedLinear)  # gate and up fused after loading
     expected = "packed" if kernels == "sugam" else "int4" if quant == QT.Q4_0 else "int8"
-    assert mlp.gate_up_proj.weight_format == expected
+    assert mlp.gate_up_proj.parts[0].weight_format == expected
     assert runner.weight_bytes < dense.engine.runner.weight_bytes
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
     _, logits = greedy_with_logits(packed, prompt, 1)
@@ -167,8 +167,7 @@ def test_fp32_default_stays_dense_and_explicit_modes_apply_to_hf(tiny_models):
     for mode, limit in (("int8", min(3 * err_bf16, 0.12)), ("int4", 0.45)):
         llm = LLM(str(folder), dtype="bfloat16", quantization=mode)
         attn = llm.engine.runner.model.model.layers[0].self_attn
-        assert all(isinstance(m, QuantizedLinear) for m in attn.children() if isinstance(m, torch.nn.Module)
-                   and m not in (attn.rotary,))
+        assert all(isinstance(m, QuantizedLinear) for m in [*attn.qkv_proj.parts, attn.o_proj])
         _, logits = greedy_with_logits(llm, prompt, 1)
         err = _relative_error(logits[0], ref[0])
         assert err < limit, mode
@@ -194,13 +193,15 @@ def test_gguf_tensor_types_are_read_from_file(tmp_path, monkeypatch, kernels):
     llm = LLM(str(path), dtype="bfloat16")
     layer = llm.engine.runner.model.model.layers[0]
     if kernels == "sugam":  # every Q4_1 matrix keeps its blocks, so q, k and v fuse
-        assert layer.self_attn.qkv_proj.weight_format == "packed"
-        assert layer.self_attn.qkv_proj.qtype == "Q4_1"
+        assert len(layer.self_attn.qkv_proj.parts) == 1
+        assert layer.self_attn.qkv_proj.parts[0].weight_format == "packed"
+        assert layer.self_attn.qkv_proj.parts[0].qtype == "Q4_1"
     else:
         # q: 64 rows, a whole int4 block; k, v: 32 rows, int8 (the int4 packing needs 64), so no fusion
-        assert layer.self_attn.q_proj.weight_format == "int4"
-        assert layer.self_attn.k_proj.weight_format == "int8"
-    assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
+        q, k, _ = layer.self_attn.qkv_proj.parts
+        assert q.weight_format == "int4"
+        assert k.weight_format == "int8"
+    assert isinstance(layer.mlp.gate_up_proj.parts[0], QuantizedLinear)
     out = llm.generate([[5, 17, 42]], use_tqdm=False)[0].outputs[0]
     assert out.token_ids
 

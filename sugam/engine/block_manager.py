@@ -4,8 +4,10 @@ Blocks are reference-counted. A block whose tokens are all computed gets a hash 
 every block before it (so equal hashes mean equal prefixes), and is registered for reuse: a new
 sequence whose prompt starts with the same tokens takes those blocks instead of recomputing them.
 The token ids are kept next to the hash and compared, so a hash collision can never hand out the
-wrong keys and values. A cached block that nobody uses stays in the free list, in least-recently
-used order, and keeps its contents until the pool needs the space.
+wrong keys and values. A sequence's `cache_salt` (e.g. its LoRA adapter) starts the chain, so
+requests whose K/V differ for the same tokens never share blocks. A cached block that nobody uses
+stays in the free list, in least-recently used order, and keeps its contents until the pool needs
+the space. `truncate` takes a sequence's newest tokens back (a rejected speculative guess).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class BlockManager:
     def _chain(self, previous: int | None, tokens: tuple[int, ...]) -> int:
         return hash((previous, tokens))
 
+    def _chain_start(self, seq: Sequence) -> int | None:
+        return None if seq.cache_salt is None else hash(("salt", seq.cache_salt))
+
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of `seq`'s tokens (at least one token is left
         to compute, so the model still produces logits for the next token)."""
@@ -67,7 +72,7 @@ class BlockManager:
             return []
         tokens, bs = seq.all_token_ids, self.block_size
         found: list[int] = []
-        previous = None
+        previous = self._chain_start(seq)
         for start in range(0, len(tokens) - 1 - bs + 1, bs):
             chunk = tuple(tokens[start:start + bs])
             previous = self._chain(previous, chunk)
@@ -105,7 +110,7 @@ class BlockManager:
             index = len(seq.block_hashes)
             tokens = tokens or seq.all_token_ids
             chunk = tuple(tokens[index * bs:(index + 1) * bs])
-            h = self._chain(seq.block_hashes[-1] if seq.block_hashes else None, chunk)
+            h = self._chain(seq.block_hashes[-1] if seq.block_hashes else self._chain_start(seq), chunk)
             block = self.blocks[seq.block_table[index]]
             if h not in self._cached:
                 block.hash, block.token_ids = h, chunk
@@ -149,6 +154,31 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep the K/V of `seq`'s first `num_tokens` tokens only; later slots will be written anew.
+
+        Blocks past the kept tokens go back to the pool. The block the cut falls in will be written
+        again, so it leaves the prefix cache; if another sequence shares it, this sequence lets go of
+        it and recomputes the few kept tokens of that block later, in a block of its own.
+        """
+        bs = self.block_size
+        num_tokens = min(num_tokens, seq.num_computed_tokens)
+        keep_blocks = -(-num_tokens // bs)
+        self.release_blocks(seq.block_table[keep_blocks:])
+        del seq.block_table[keep_blocks:]
+        del seq.block_hashes[num_tokens // bs:]
+        seq.num_computed_tokens = num_tokens
+        if num_tokens % bs == 0:
+            return
+        block = self.blocks[seq.block_table[-1]]
+        if block.ref_count > 1:  # shared: never write into it
+            self.release_blocks([seq.block_table.pop()])
+            seq.num_computed_tokens = (keep_blocks - 1) * bs
+        elif block.hash is not None:
+            if self._cached.get(block.hash) == block.block_id:
+                del self._cached[block.hash]
+            block.hash = block.token_ids = None
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks; cached ones stay reusable until evicted."""

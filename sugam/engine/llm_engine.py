@@ -1,9 +1,8 @@
-"""The synchronous engine: admits requests, schedules each step, runs the model, samples, detokenizes.
+"""The synchronous engine: validates requests and runs steps.
 
-Each step packs decode tokens of running sequences and (chunks of) prompts of new ones into one
-batch of at most `max_num_batched_tokens` tokens. When the KV pool runs out, the most recently
-admitted sequence is preempted: its blocks are freed and it is recomputed later (prompt + output
-so far), so that older requests keep making progress.
+A step is: schedule (scheduler.py) -> batch (batch.py) -> execute (runner.py) -> sample
+(sampler.py) -> process outputs (output_processor.py) -> update the scheduler. Each part owns its
+state; this file wires them together and validates what callers send.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import itertools
 import logging
 import os
 import random
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +19,13 @@ from ..errors import PromptTooLongError
 from ..loader.base import LoadedCheckpoint
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
+from .batch import ForwardBatch
 from .block_manager import BlockManager
+from .output_processor import OutputProcessor
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampler import Sampler
-from .sequence import RequestOutput, Sequence, SequenceStatus
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence
 from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,11 @@ class LLMEngine:
         self.generation_defaults = checkpoint.generation
         self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
         self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization)
-        self.sampler = Sampler(self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         think = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
         self.think_token_ids = think if None not in think else None
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.think_token_ids)
+        self.sampler = Sampler(self.tokenizer, self.outputs)
 
         cfg, bs = self.config, self.config.block_size
         if bs <= 0 or cfg.max_num_seqs <= 0 or cfg.max_num_batched_tokens <= 0:
@@ -118,22 +120,21 @@ class LLMEngine:
             self.max_model_len = num_blocks * bs
         self.runner.allocate_kv_cache(num_blocks, bs, kv_int8)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
                  num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
 
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self._ids = itertools.count()
-        self.num_preemptions = 0
         self._num_steps = self._last_step_tokens = self._tokens_computed = self._generated_tokens = 0
 
     # ---- requests -----------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
-        """Validate a request and queue it; raises InvalidRequestError / PromptTooLongError."""
+        """Validate a request and queue it; raises InvalidRequestError / PromptTooLongError.
+        Safe to call from any thread (the request joins at the next step)."""
         seq = self.create_sequence(prompt, params, request_id)
-        self.waiting.append(seq)
+        self.scheduler.submit(seq)
         return seq
 
     def create_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -157,100 +158,47 @@ class LLMEngine:
         grammar = None
         if params.json_schema is not None or params.regex is not None:
             grammar = self.grammars.matcher(params.json_schema, params.regex)
-        return Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.tokenizer,
-                        self.eos_token_ids, self.max_model_len, generator, grammar, self.think_token_ids)
+        return Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.max_model_len,
+                        generator, self.outputs.text_state(token_ids, params), grammar)
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop a request now and give its KV blocks back. True if it was found."""
-        for queue in (self.waiting, self.running):
-            for seq in list(queue):
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self.block_manager.free(seq)
-                    seq.abort()
-                    return True
-        return False
+        """Stop a request now and give its KV blocks back (call it from the engine's thread; other
+        threads use `scheduler.request_abort`). True if it was found."""
+        return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def _schedule(self) -> list[tuple[Sequence, int]]:
-        cfg, bm = self.config, self.block_manager
-        budget = cfg.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq not in self.running:  # preempted below to make room for an older one
-                continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n <= 0:
-                continue
-            while not bm.can_grow(seq, seq.num_computed_tokens + n):
-                self._preempt(self.running[-1])
-                if seq.status != SequenceStatus.RUNNING:
-                    break
-            else:
-                bm.grow(seq, seq.num_computed_tokens + n)
-                scheduled.append((seq, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            seq = self.waiting[0]
-            prefix = bm.lookup_prefix(seq)
-            computed = max(seq.num_computed_tokens, len(prefix) * bm.block_size)
-            n = min(seq.num_tokens - computed, budget)
-            if not bm.can_admit(seq, prefix, computed + n):
-                break
-            self.waiting.popleft()
-            bm.take_prefix(seq, prefix)
-            bm.grow(seq, seq.num_computed_tokens + n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append((seq, n))
-            budget -= n
-        return scheduled
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks; it will be recomputed from its tokens later."""
-        self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
-        log.debug("preempted request %s (%d tokens)", seq.request_id, seq.num_tokens)
-
     def step(self) -> list[RequestOutput]:
         """Run one batch; return outputs of the sequences that produced a token or finished."""
-        scheduled = self._schedule()
+        scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.execute(scheduled)
-        sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        batch = ForwardBatch.from_schedule(scheduled, self.block_manager.block_size, self.device)
+        logits = self.runner.execute(batch)
+        sampling = [s.seq for s in scheduled.scheduled if s.samples]
+        tokens = self.sampler(logits, sampling) if logits is not None else []
+        outputs = []
+        for seq, (token, logprobs) in zip(sampling, tokens):
+            self.outputs.append(seq, token, logprobs)
+            outputs.append(self.outputs.output(seq))
+        self.scheduler.update(scheduled)
         self._num_steps += 1
-        self._last_step_tokens = sum(n for _, n in scheduled)
+        self._last_step_tokens = scheduled.num_batched_tokens
         self._tokens_computed += self._last_step_tokens
         self._generated_tokens += len(sampling)
-        for seq, n in scheduled:
-            seq.num_computed_tokens += n
-            self.block_manager.register_computed_blocks(seq)
-        outputs = []
-        if logits is not None:
-            for seq, (token, logprobs) in zip(sampling, self.sampler(logits, sampling)):
-                seq.append_token(token, logprobs)
-                if seq.finished:
-                    self.running.remove(seq)
-                    self.block_manager.free(seq)
-                outputs.append(seq.take_output())
         return outputs
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        """Safe to call from any thread (the counters are read without a lock: a snapshot may be
+        a step old)."""
+        bm, counts = self.block_manager, self.scheduler.counts()
         return EngineStats(
-            num_running=len(self.running), num_waiting=len(self.waiting),
+            num_running=counts.num_running, num_waiting=counts.num_waiting,
             kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks, kv_block_size=bm.block_size,
             prefix_cache_queried_tokens=bm.stats.queried_tokens, prefix_cache_hit_tokens=bm.stats.hit_tokens,
-            num_preemptions=self.num_preemptions, num_steps=self._num_steps,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self._num_steps,
             last_step_tokens=self._last_step_tokens, tokens_computed=self._tokens_computed,
             generated_tokens=self._generated_tokens)

@@ -1,4 +1,9 @@
-"""Loads the model onto a device, owns the KV cache, and runs one batched forward per step."""
+"""Loads the model onto a device, owns the KV cache, and runs one batched forward per step.
+
+`execute(ForwardBatch)` is the one place that chooses how a step runs: through the native decoder
+(all layers in one C++ call) when the model declares it and the step is one it takes, else
+through the Python layers. Models come from the registry by architecture (models/registry.py).
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,15 @@ from torch import nn
 from .. import native as native_kernels
 from ..config import ModelConfig
 from ..hardware import cpu_model, native_bf16
-from ..layers.attention import AttentionMetadata, KVCache
+from ..layers.attention import KVCache
 from ..loader.base import LoadedCheckpoint
-from ..models import CausalLM
 from ..models.native_decode import NativeDecoder
+from ..models.registry import model_class
 from ..quant.arena import gather_quantized_weights, return_freed_memory
 from ..quant.formats import int4_layout
 from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
 from ..quant.policy import checkpoint_mode, weight_chooser
-from .sequence import Sequence
+from .batch import ForwardBatch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.quantization = checkpoint_mode(quantization, checkpoint.info, device.type)
         with torch.device("meta"):
-            model = CausalLM(self.config).to(dtype)
+            model = model_class(self.config.architecture)(self.config).to(dtype)
         # Parameters get real, uninitialised storage in the final dtype, then the checkpoint fills
         # them. Storage never written (a matrix that arrives quantized) is never touched, so it
         # costs no memory before the quantized module replaces it.
@@ -50,7 +55,8 @@ class ModelRunner:
         model.fuse_projections()
         if device.type == "cpu":
             gather_quantized_weights(model, QuantizedLinear)
-        model.native_decoder = NativeDecoder.build(model)
+        self.native_decoder = NativeDecoder.build(model)
+        self.native_decoder_steps = 0      # steps it ran (for tests and the curious)
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))
@@ -79,7 +85,7 @@ class ModelRunner:
             path.update(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                         bf16="native" if native_bf16() else "emulated", threads=torch.get_num_threads(),
                         kernels=f"sugam {native_kernels.isa_label()}" if packed else "pytorch",
-                        native_decoder=self.model.native_decoder is not None)
+                        native_decoder=self.native_decoder is not None)
             if layout is not None:
                 path["int4_packing"] = f"{layout.block_rows}-row blocks, {'adjacent' if layout.adjacent else 'halves'}"
         return path
@@ -92,39 +98,26 @@ class ModelRunner:
                           for _ in range(cfg.num_hidden_layers)]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor | None:
-        """Run the new tokens of each scheduled sequence through the model in one batch.
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states [tokens, hidden] of a batch (its K/V written to the cache)."""
+        decoder = self.native_decoder
+        if decoder is not None and not decoder.runs(batch.num_tokens, batch.attention):
+            decoder = None
+        if decoder is not None:
+            self.native_decoder_steps += 1
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attention, decoder)
 
-        Returns logits [n, vocab] for the sequences whose last scheduled token is their newest
-        token (they sample next), in scheduling order; None when no sequence samples.
-        """
-        bs = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, tables, sample_rows = [], [], [], []
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            all_ids = seq.all_token_ids
-            token_ids.extend(all_ids[start:start + n])
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            query_lens.append(n)
-            context_lens.append(start + n)
-            n_blocks = -(-(start + n) // bs)
-            tables.append(torch.tensor(seq.block_table[:n_blocks], dtype=torch.long, device=self.device))
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(token_ids) - 1)
-        device = self.device
-        meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
-                                       query_lens, context_lens, tables)
-        hidden = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
-                            torch.tensor(positions, dtype=torch.long, device=device),
-                            self.kv_caches, meta)
-        if not sample_rows:
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """Run a batch; logits [rows, vocab] float32 of its `logits_indices` rows, None when none are wanted."""
+        hidden = self.forward(batch)
+        if batch.logits_indices.numel() == 0:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
 
 def format_weights(weights: dict[str, int]) -> str:

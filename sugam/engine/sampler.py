@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 
 from ..tokenizer import Tokenizer
+from .output_processor import OutputProcessor
 from .sequence import Logprob, Sequence
 
 
@@ -47,8 +48,9 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
 
 
 class Sampler:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, outputs: OutputProcessor):
         self.tokenizer = tokenizer
+        self.outputs = outputs  # knows which token is forced and whether the grammar constrains
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, Logprob] | None]]:
@@ -57,15 +59,16 @@ class Sampler:
         for row, seq in zip(logits, seqs):
             p = seq.params
             raw = row
-            forced = seq.forced_token()
+            forced = self.outputs.forced_token(seq)
+            constrained = self.outputs.constrained(seq)
             if forced is not None:
                 results.append((forced, self._logprobs(raw, forced, p.logprobs) if p.logprobs is not None else None))
                 continue
             penalized = p.repetition_penalty != 1.0 or bool((p.presence_penalty or p.frequency_penalty)
                                                              and seq.output_token_ids)
-            if penalized or seq.constrained:  # else the row is used as it is (no 152k-entry passes)
+            if penalized or constrained:  # else the row is used as it is (no 152k-entry passes)
                 row = _apply_penalties(row.clone(), seq)
-                if seq.constrained:
+                if constrained:
                     seq.grammar.mask_logits(row)  # type: ignore[union-attr]
                 if not math.isfinite(float(row.max())):
                     row = _finite(row)  # NaN from the model

@@ -62,6 +62,10 @@ class GrammarMatcher:
     def accept(self, token: int) -> None:
         self._m.consume_token(token)
 
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens."""
+        self._m.rollback(num_tokens)
+
     @property
     def done(self) -> bool:
         """The document is complete: only end-of-sequence may follow."""

@@ -1,5 +1,8 @@
-"""Model implementations. One transformer (qwen2.py) covers Qwen2/2.5/QwQ/R1-Distill, Qwen3 and Llama."""
+"""Model implementations, found by architecture through the registry (registry.py). One transformer
+(qwen2.py) covers Qwen2/2.5/QwQ/R1-Distill, Qwen3 and Llama."""
 
-from .qwen2 import CausalLM
+from .qwen2 import CausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from .registry import model_class, register_model, supported_architectures
 
-__all__ = ["CausalLM"]
+__all__ = ["CausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "model_class",
+           "register_model", "supported_architectures"]

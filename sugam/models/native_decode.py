@@ -4,10 +4,12 @@ A decode step of a 1.5B model makes ~400 small calls around its ~120 matrix prod
 their dispatch cost ~5 ms a token, 15 % of the step. The native decoder runs the same operations
 from C++, with the same kernels and rounding, so its output equals the Python layers' exactly.
 
-It runs when every projection is a packed GGUF matrix (sugam's kernels), the model is bf16 or fp32
-on a CPU that runs the kernels (any of their builds), and every sequence of the step brings one
-token (at most packed_kernel_max_rows() of them: larger batches are faster through dequantize +
-GEMM). Anything else takes the Python layers.
+It computes one form of layer, NATIVE_DECODER_LAYER, and runs a model only if the model's class
+declares that form (see CausalLM), every projection is a packed GGUF matrix (sugam's kernels), the
+model is bf16 or fp32 on a CPU that runs the kernels (any of their builds), and every sequence of
+the step brings one token (at most packed_kernel_max_rows() of them: larger batches are faster
+through dequantize + GEMM). The runner makes that choice per step; anything else takes the
+Python layers.
 """
 
 from __future__ import annotations
@@ -19,19 +21,18 @@ from .. import native
 from ..layers.attention import AttentionMetadata, KVCache
 from ..quant.linear import QuantizedLinear, packed_kernel_max_rows
 
+# The layer decoder.cpp computes: pre-norm RMSNorm; q|k|v projections (optional bias); optional
+# RMSNorm of each q and k head; NeoX-style rotary from the given cos/sin; grouped-query attention
+# over the paged cache; o projection; residual; RMSNorm; SiLU(gate) * up; down; residual.
+NATIVE_DECODER_LAYER = "rmsnorm-gqa-rotary-swiglu/1"
 
-def _layer_matrices(layer: nn.Module) -> list[QuantizedLinear | None]:
+
+def _layer_matrices(layer: nn.Module) -> list[nn.Module | None]:
     """The layer's projections in decoder.cpp's slots: q|k|v as one, two (q|k, v) or three matrices,
     then o, gate|up as one or two, down."""
     attn, mlp = layer.self_attn, layer.mlp
-    if hasattr(attn, "qkv_proj"):
-        qkv = [attn.qkv_proj, None, None]
-    elif hasattr(attn, "qk_proj"):
-        qkv = [attn.qk_proj, attn.v_proj, None]
-    else:
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    gate_up = [mlp.gate_up_proj, None] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
-    return qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
+    qkv, gate_up = list(attn.qkv_proj.parts), list(mlp.gate_up_proj.parts)
+    return qkv + [None] * (3 - len(qkv)) + [attn.o_proj] + gate_up + [None] * (2 - len(gate_up)) + [mlp.down_proj]
 
 
 class NativeDecoder:
@@ -55,6 +56,8 @@ class NativeDecoder:
     @classmethod
     def build(cls, model: nn.Module) -> NativeDecoder | None:
         """A decoder for this model, or None where the native decoder cannot run it."""
+        if not type(model).declares_native_decoder():
+            return None
         cfg = model.config
         params = list(model.parameters())
         if (not params or params[0].dtype not in (torch.bfloat16, torch.float32) or not params[0].is_cpu
@@ -68,9 +71,8 @@ class NativeDecoder:
                     return None
         return cls(model)
 
-    def runs(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step is one the native decoder takes (one new token per sequence)."""
-        tokens = x.shape[0]
+    def runs(self, tokens: int, meta: AttentionMetadata) -> bool:
+        """Whether a step is one the native decoder takes (one new token per sequence)."""
         return (meta.decode_tokens is not None and len(meta.decode_tokens) == tokens
                 and tokens <= packed_kernel_max_rows())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,14 @@ from .. import native
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..layers.attention import AttentionMetadata, KVCache, paged_attention
+from ..layers.projection import ProjectionGroup
 from ..layers.rmsnorm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..quant import Int4Weight, Int8Weight, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from ..quant.formats import GGUFRows, PackedGGUFWeight
-from ..quant.linear import GGUFRowEmbedding, fuse_linears, head_matmul
+from ..quant.linear import GGUFRowEmbedding, head_matmul
+from .native_decode import NATIVE_DECODER_LAYER, NativeDecoder
+from .registry import register_model
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +52,15 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def fuse_projections(self) -> None:
-        """After loading: compute q, k and v with one matmul (or q and k, when v's format differs)."""
-        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:
-            self.qkv_proj = fused
-            del self.q_proj, self.k_proj, self.v_proj
-            return
-        fused = fuse_linears([self.q_proj, self.k_proj])
-        if fused is not None:
-            self.qk_proj = fused
-            del self.q_proj, self.k_proj
+        """After loading: q, k and v become one group (one matmul where their formats match)."""
+        self.qkv_proj = ProjectionGroup([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if hasattr(self, "qkv_proj"):
-            qk, v = self.qkv_proj(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-        elif hasattr(self, "qk_proj"):
-            qk, v = self.qk_proj(x), self.v_proj(x)
-        else:
-            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
+        qk, v = self.qkv_proj(x).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = qk.view(tokens, heads + kv_heads, dim)
         v = v.view(tokens, kv_heads, dim)
         if self.qk_norm:
@@ -87,19 +79,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def fuse_projections(self) -> None:
-        fused = fuse_linears([self.gate_proj, self.up_proj])
-        if fused is not None:
-            self.gate_up_proj = fused
-            del self.gate_proj, self.up_proj
+        self.gate_up_proj = ProjectionGroup([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):
-            gate_up = self.gate_up_proj(x)
-            if gate_up.dtype == torch.bfloat16 and gate_up.is_cpu and gate_up.shape[-1] % 32 == 0 and native.available():
-                return self.down_proj(native.silu_mul(gate_up))  # one call instead of three ops
-            gate, up = gate_up.chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dtype == torch.bfloat16 and gate_up.is_cpu and gate_up.shape[-1] % 32 == 0 and native.available():
+            return self.down_proj(native.silu_mul(gate_up))  # one call instead of three ops
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -126,7 +113,14 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """forward(): flattened tokens of many sequences -> final hidden states; compute_logits() on the rows wanted."""
+    """forward(): flattened tokens of many sequences -> final hidden states; compute_logits() on the rows wanted.
+
+    Architectures subclass it and are registered in models/registry.py. A class that computes its
+    layers exactly as sugam's native decoder does says so itself with `native_decoder_layer =
+    NATIVE_DECODER_LAYER` (the declaration is not inherited: a subclass that changes the math must
+    not run on the native path by accident)."""
+
+    native_decoder_layer: ClassVar[str | None] = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,15 +130,18 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg, self.rotary)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Set after loading where decode steps can run all layers in one native call (native_decode.py)
-        self.native_decoder = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    @classmethod
+    def declares_native_decoder(cls) -> bool:
+        return cls.__dict__.get("native_decoder_layer") == NATIVE_DECODER_LAYER
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata, native_decoder: NativeDecoder | None = None) -> torch.Tensor:
+        """`native_decoder`: run the layers through it (the runner passes it for the steps it takes)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        if self.native_decoder is not None and self.native_decoder.runs(x, meta):
-            x = self.native_decoder(x, cos, sin, kv_caches, meta)  # the same layers, from C++
+        if native_decoder is not None:
+            x = native_decoder(x, cos, sin, kv_caches, meta)  # the same layers, from C++
         else:
             for layer, kv_cache in zip(self.model.layers, kv_caches):
                 x = layer(x, cos, sin, kv_cache, meta)
@@ -210,3 +207,21 @@ class CausalLM(nn.Module):
             setattr(parent, child, QuantizedLinear(moved, old.bias))
         else:
             raise ModelFormatError(f"{name}: cannot hold a quantized weight")
+
+
+@register_model("qwen2")
+class Qwen2ForCausalLM(CausalLM):
+    """Qwen2 / Qwen2.5 / QwQ / DeepSeek-R1-Distill-Qwen: QKV bias."""
+    native_decoder_layer = NATIVE_DECODER_LAYER
+
+
+@register_model("qwen3")
+class Qwen3ForCausalLM(CausalLM):
+    """Qwen3: RMSNorm over each query and key head, explicit head_dim."""
+    native_decoder_layer = NATIVE_DECODER_LAYER
+
+
+@register_model("llama")
+class LlamaForCausalLM(CausalLM):
+    """Llama and Mistral-style dense models: no QKV bias (optionally bias everywhere)."""
+    native_decoder_layer = NATIVE_DECODER_LAYER

@@ -1,0 +1,71 @@
+"""What one forward pass computes, as tensors: the contract between the scheduler and the runner.
+
+A `ForwardBatch` is the flattened tokens of many sequences (prompt chunks, decode tokens and,
+later, speculative guesses alike) with their positions, KV-cache slots and block tables, plus
+the rows whose logits the caller wants (any number per sequence). The scheduler's output becomes
+one; `evaluate.perplexity` builds one for each window of a text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.attention import AttentionMetadata
+from .scheduler import SchedulerOutput
+
+
+@dataclass
+class BatchEntry:
+    """One sequence's rows: `token_ids` at positions `start`, `start + 1`, ...; logits wanted for
+    its last `num_logits` rows."""
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    num_logits: int
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor            # [tokens] long
+    positions: torch.Tensor            # [tokens] long
+    attention: AttentionMetadata       # slots, per-sequence lengths and block tables
+    logits_indices: torch.Tensor       # [rows wanted] long, in entry order
+    num_logits: list[int]              # per entry: how many of logits_indices are its rows
+    # Per-token extras a model may read (e.g. an adapter index per token for LoRA); None when unused.
+    token_extras: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def build(cls, entries: Seq[BatchEntry], block_size: int, device: torch.device) -> ForwardBatch:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, tables, logit_rows = [], [], [], []
+        for entry in entries:
+            start, n, table = entry.start, len(entry.token_ids), entry.block_table
+            token_ids.extend(entry.token_ids)
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            query_lens.append(n)
+            context_lens.append(start + n)
+            n_blocks = -(-(start + n) // block_size)
+            tables.append(torch.tensor(table[:n_blocks], dtype=torch.long, device=device))
+            logit_rows.extend(range(len(token_ids) - entry.num_logits, len(token_ids)))
+        meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
+                                       query_lens, context_lens, tables)
+        return cls(torch.tensor(token_ids, dtype=torch.long, device=device),
+                   torch.tensor(positions, dtype=torch.long, device=device), meta,
+                   torch.tensor(logit_rows, dtype=torch.long, device=device),
+                   [e.num_logits for e in entries])
+
+    @classmethod
+    def from_schedule(cls, output: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
+        return cls.build([BatchEntry(s.token_ids(), s.start, s.seq.block_table, s.num_logits)
+                          for s in output.scheduled], block_size, device)
