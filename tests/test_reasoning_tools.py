@@ -71,7 +71,7 @@ def test_thinking_budget_closes_the_thought(tiny_models):
 
 
 def test_history_goes_back_to_the_template_without_reasoning():
-    from sugam.serve.app import _template_messages
+    from sugam.serve.openai import template_messages
     from sugam.serve.protocol import ChatMessage
 
     messages = [ChatMessage(role="user", content="2+2?"),
@@ -79,7 +79,7 @@ def test_history_goes_back_to_the_template_without_reasoning():
                 ChatMessage(role="assistant", content=None, tool_calls=[
                     {"id": "c1", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]),
                 ChatMessage(role="developer", content=[{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}])]
-    out = _template_messages(messages)
+    out = template_messages(messages)
     assert out[1]["content"] == "4" and "reasoning_content" not in out[1]
     assert out[2]["tool_calls"][0]["function"]["arguments"] == {"x": 1}  # templates want an object
     assert out[3] == {"role": "system", "content": "be brief"}
