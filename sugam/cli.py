@@ -33,6 +33,27 @@ def _add_quantization_arg(p: argparse.ArgumentParser, default: str = "auto") -> 
                    help="KV cache storage: auto (the model dtype) or int8 (about half the memory per token)")
 
 
+def _add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default=None, metavar="ngram|MODEL",
+                   help="speculative decoding: ngram (prompt lookup) or a draft model with the same vocabulary "
+                        "(see docs/SPECULATIVE.md)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens guessed per step (default 5 for ngram, 4 for a draft model)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='vLLM\'s form, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}\'')
+
+
+def _speculative(args: argparse.Namespace) -> Any:
+    from .engine.speculative import SpeculativeConfig
+
+    if args.speculative and args.speculative_config:
+        raise SugamError("give --speculative or --speculative-config, not both")
+    spec = args.speculative_config or args.speculative
+    if spec is None and args.num_speculative_tokens is not None:
+        raise SugamError("--num-speculative-tokens needs --speculative ngram|MODEL")
+    return SpeculativeConfig.parse(spec, args.num_speculative_tokens)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens to generate at most (default 1024)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
@@ -60,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("prompt", help="the prompt (use - to read it from standard input)")
     _add_sampling_args(p)
+    _add_speculative_args(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
                        epilog=EPILOG)
     _add_model_args(p)
+    _add_speculative_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SUGAM_API_KEY"),
@@ -102,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_speculative_args(p)
     return parser
 
 
@@ -120,7 +144,8 @@ def _load(args: argparse.Namespace) -> Any:
     start = time.perf_counter()
     # One conversation at a time: a KV pool of one context, not one sized for a server.
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=1,
-              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config=_speculative(args))
     print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s: "
           f"{describe_path(llm.engine.runner.execution_path())}]", file=sys.stderr)
     return llm
@@ -131,6 +156,8 @@ def _stream_answer(llm: Any, prompt_ids: list[int], params: Any) -> tuple[str, s
     start = time.perf_counter()
     first = None
     text, tokens, reason = [], 0, "interrupted"
+    spec = llm.engine.speculator
+    drafted, accepted = (spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens) if spec else (0, 0)
     try:
         for out in llm.stream_outputs(prompt_ids, params):
             completion = out.outputs[0]
@@ -149,8 +176,12 @@ def _stream_answer(llm: Any, prompt_ids: list[int], params: Any) -> tuple[str, s
     sys.stdout.write("\n")
     if first is not None:
         decode = (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0
+        guesses = ""
+        if spec:
+            drafted, accepted = spec.stats.num_draft_tokens - drafted, spec.stats.num_accepted_tokens - accepted
+            guesses = f"; guesses accepted {accepted}/{drafted}" + (f" ({accepted / drafted:.0%})" if drafted else "")
         print(f"[{len(prompt_ids)} prompt tokens, first token {first - start:.2f} s; {tokens} tokens, "
-              f"decode {decode:.1f} tok/s; finish: {reason}]", file=sys.stderr)
+              f"decode {decode:.1f} tok/s{guesses}; finish: {reason}]", file=sys.stderr)
     return "".join(text), reason
 
 
@@ -263,7 +294,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or (source.alias if source else path.stem if path.is_file() else path.name)
     engine_config = EngineConfig(max_model_len=args.max_model_len, kv_cache_memory=parse_size(args.kv_cache_memory),
                                  max_num_seqs=args.max_num_seqs, quantization=args.quantization,
-                                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching)
+                                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
+                                 speculative=_speculative(args))
 
     def load() -> LLMEngine:
         return load_engine(path, args.dtype, args.device, engine_config)

@@ -13,6 +13,7 @@ import torch
 
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sequence import RequestOutput
+from .engine.speculative import SpeculativeConfig
 from .errors import SugamError
 from .hardware import cpu_compute_dtype
 from .loader import open_checkpoint
@@ -58,8 +59,9 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool =
 
 
 def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-                config: EngineConfig | None = None) -> LLMEngine:
-    """Open a resolved model path and build the engine for it (the LLM API and the server share this)."""
+                config: EngineConfig | None = None, download: bool = True) -> LLMEngine:
+    """Open a resolved model path (and the draft model of config.speculative, if any) and build the
+    engine for it (the LLM API and the server share this)."""
     checkpoint = open_checkpoint(path)
     apply_alias_defaults(path, checkpoint.generation)
     dev = pick_device(device)
@@ -69,7 +71,10 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
         mode = "none"  # an explicit float32 asks for the exact dense reference path
     mode = checkpoint_mode(mode, checkpoint.info, dev.type)
     config = dataclasses.replace(config, quantization=mode)
-    return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config)
+    draft = None
+    if config.speculative is not None and config.speculative.model:
+        draft = open_checkpoint(resolve(config.speculative.model, download=download))
+    return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config, draft)
 
 
 class LLM:
@@ -84,14 +89,18 @@ class LLM:
                  device: str | torch.device | None = None, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, enable_prefix_caching: bool = True,
-                 quantization: str = "auto", kv_cache_dtype: str = "auto", download: bool = True):
+                 quantization: str = "auto", kv_cache_dtype: str = "auto", download: bool = True,
+                 speculative_config: dict[str, Any] | SpeculativeConfig | None = None):
         self.model_path = resolve(model, download=download)
         self.engine = load_engine(
             self.model_path, dtype, device,
             EngineConfig(max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          enable_prefix_caching=enable_prefix_caching, quantization=quantization,
-                         kv_cache_dtype=kv_cache_dtype))
+                         kv_cache_dtype=kv_cache_dtype,
+                         speculative=speculative_config if isinstance(speculative_config, SpeculativeConfig)
+                         else SpeculativeConfig.parse(speculative_config)),
+            download=download)
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

@@ -361,3 +361,22 @@ def test_a_hostile_template_costs_its_own_request_only(tiny_folder):
         assert "chat template stopped" in error["message"]
         assert health < 0.5, health
         assert chat_time < max(3 * baseline, baseline + 1.5), (chat_time, baseline)
+
+
+def test_speculative_server_streams_the_same_tokens_and_counts_guesses(tiny_folder):
+    """`serve --speculative` (here the model drafting for itself: every guess right) answers as the
+    plain server does, streamed or not, and /metrics counts the guesses."""
+    body = {"model": "tiny", "prompt": "hello hello hello", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    with running_server(str(tiny_folder / "qwen3ish"), "--dtype", "float32", "--served-model-name", "tiny") as (base, _):
+        expected = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    folder = str(tiny_folder / "qwen3ish")
+    with running_server(folder, "--dtype", "float32", "--served-model-name", "tiny", "--speculative-config",
+                        json.dumps({"model": folder, "num_speculative_tokens": 3})) as (base, _):
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == expected
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            streamed = "".join(e["choices"][0]["text"] for e in sse_events(r) if e != "[DONE]" and e["choices"])
+        assert streamed == expected
+        wait_idle(base)
+        drafted = metric(base, "sugam_spec_decode_num_draft_tokens")
+        assert drafted > 0 and metric(base, "sugam_spec_decode_num_accepted_tokens") == drafted
+        assert metric(base, "sugam_spec_decode_num_emitted_tokens") > drafted

@@ -20,11 +20,13 @@ from .scheduler import SchedulerOutput
 @dataclass
 class BatchEntry:
     """One sequence's rows: `token_ids` at positions `start`, `start + 1`, ...; logits wanted for
-    its last `num_logits` rows."""
+    its last `num_logits` rows. `rows_as_decodes`: each row attends as a decode step of its own
+    (speculative verification rows: the same kernels, so the same logits, as plain decoding)."""
     token_ids: list[int]
     start: int
     block_table: list[int]
     num_logits: int
+    rows_as_decodes: bool = False
 
 
 @dataclass
@@ -53,10 +55,15 @@ class ForwardBatch:
             for pos in range(start, start + n):
                 positions.append(pos)
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
-            query_lens.append(n)
-            context_lens.append(start + n)
-            n_blocks = -(-(start + n) // block_size)
-            tables.append(torch.tensor(table[:n_blocks], dtype=torch.long, device=device))
+            if entry.rows_as_decodes:
+                for end in range(start + 1, start + n + 1):
+                    query_lens.append(1)
+                    context_lens.append(end)
+                    tables.append(torch.tensor(table[:-(-end // block_size)], dtype=torch.long, device=device))
+            else:
+                query_lens.append(n)
+                context_lens.append(start + n)
+                tables.append(torch.tensor(table[:-(-(start + n) // block_size)], dtype=torch.long, device=device))
             logit_rows.extend(range(len(token_ids) - entry.num_logits, len(token_ids)))
         meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
                                        query_lens, context_lens, tables)
@@ -67,5 +74,6 @@ class ForwardBatch:
 
     @classmethod
     def from_schedule(cls, output: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
-        return cls.build([BatchEntry(s.token_ids(), s.start, s.seq.block_table, s.num_logits)
+        return cls.build([BatchEntry(s.token_ids(), s.start, s.seq.block_table, s.num_logits,
+                                     rows_as_decodes=bool(s.draft_token_ids) and s.num_new_tokens == 1)
                           for s in output.scheduled], block_size, device)

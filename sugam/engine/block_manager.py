@@ -169,12 +169,14 @@ class BlockManager:
         del seq.block_table[keep_blocks:]
         del seq.block_hashes[num_tokens // bs:]
         seq.num_computed_tokens = num_tokens
+        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, num_tokens)
         if num_tokens % bs == 0:
             return
         block = self.blocks[seq.block_table[-1]]
         if block.ref_count > 1:  # shared: never write into it
             self.release_blocks([seq.block_table.pop()])
             seq.num_computed_tokens = (keep_blocks - 1) * bs
+            seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
         elif block.hash is not None:
             if self._cached.get(block.hash) == block.block_id:
                 del self._cached[block.hash]
@@ -185,4 +187,4 @@ class BlockManager:
         self.release_blocks(seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed_tokens = 0

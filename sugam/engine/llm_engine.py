@@ -15,17 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PromptTooLongError
+from ..errors import PromptTooLongError, SugamError
 from ..loader.base import LoadedCheckpoint
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
 from .batch import ForwardBatch
 from .block_manager import BlockManager
 from .output_processor import OutputProcessor
-from .runner import ModelRunner, kv_bytes_per_token
+from .runner import ModelRunner, describe_path, kv_bytes_per_token
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .speculative import DraftModelProposer, NgramProposer, SpeculationStats, SpeculativeConfig, Speculator
 from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class EngineStats:
     last_step_tokens: int            # tokens in the latest forward pass
     tokens_computed: int             # all tokens run through the model (prompts, recomputes, decodes)
     generated_tokens: int
+    speculation: SpeculationStats | None = None   # when speculative decoding is on
 
     @property
     def kv_usage(self) -> float:
@@ -67,6 +69,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True      # reuse KV blocks of prompts that share a prefix
     quantization: str = "auto"              # weights in memory: auto, none, gguf, int8, int4 (sugam/quant/policy.py)
     kv_cache_dtype: str = "auto"            # auto (the model dtype) or int8 (about half the memory per token)
+    speculative: SpeculativeConfig | None = None  # guess tokens and verify them (docs/SPECULATIVE.md)
 
 
 def available_memory(device: torch.device) -> int:
@@ -87,7 +90,8 @@ def available_memory(device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, draft_checkpoint: LoadedCheckpoint | None = None):
+        """`draft_checkpoint`: the draft model, when config.speculative asks for one."""
         self.config = config or EngineConfig()
         self.model_config = checkpoint.config
         self.device = device
@@ -123,6 +127,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
                  num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
+
+        self.speculator: Speculator | None = None
+        if cfg.speculative is not None:
+            self.speculator = self._build_speculator(cfg.speculative, draft_checkpoint, num_blocks, kv_int8)
 
         self._ids = itertools.count()
         self._num_steps = self._last_step_tokens = self._tokens_computed = self._generated_tokens = 0
@@ -173,23 +181,53 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return outputs of the sequences that produced a token or finished."""
-        scheduled = self.scheduler.schedule()
+        spec = self.speculator
+        scheduled = self.scheduler.schedule(spec.lookahead if spec else None)
         if not scheduled:
             return []
+        if spec:
+            spec.propose(scheduled)
         batch = ForwardBatch.from_schedule(scheduled, self.block_manager.block_size, self.device)
         logits = self.runner.execute(batch)
-        sampling = [s.seq for s in scheduled.scheduled if s.samples]
-        tokens = self.sampler(logits, sampling) if logits is not None else []
-        outputs = []
-        for seq, (token, logprobs) in zip(sampling, tokens):
-            self.outputs.append(seq, token, logprobs)
-            outputs.append(self.outputs.output(seq))
-        self.scheduler.update(scheduled)
+        outputs, num_kept, row = [], [], 0
+        for entry in scheduled.scheduled:
+            seq, kept = entry.seq, entry.num_tokens
+            if entry.samples:
+                assert logits is not None
+                before = len(seq.output_token_ids)
+                if entry.draft_token_ids and spec:
+                    kept = entry.num_new_tokens + spec.verify(entry, logits[row:row + entry.num_logits],
+                                                              self.sampler, self.outputs)
+                else:
+                    token, logprobs = self.sampler.sample(logits[row], seq)
+                    self.outputs.append(seq, token, logprobs)
+                row += entry.num_logits
+                self._generated_tokens += len(seq.output_token_ids) - before
+                outputs.append(self.outputs.output(seq))
+            num_kept.append(kept)
+        self.scheduler.update(scheduled, num_kept)
         self._num_steps += 1
         self._last_step_tokens = scheduled.num_batched_tokens
         self._tokens_computed += self._last_step_tokens
-        self._generated_tokens += len(sampling)
         return outputs
+
+    def _build_speculator(self, spec: SpeculativeConfig, draft: LoadedCheckpoint | None, num_blocks: int,
+                          kv_int8: bool) -> Speculator:
+        if spec.method == "ngram":
+            return Speculator(spec, NgramProposer(spec), self.max_model_len)
+        if draft is None:
+            raise SugamError(f"the draft model {spec.model!r} was not loaded")
+        draft_vocab = Tokenizer(draft.tokenizer).backend.get_vocab()
+        vocab = self.tokenizer.backend.get_vocab()
+        if draft_vocab != vocab:
+            differing = sum(1 for t, i in vocab.items() if draft_vocab.get(t) != i)
+            raise SugamError(f"the draft model {spec.model!r} has another vocabulary than the target "
+                             f"({len(draft_vocab)} vs {len(vocab)} tokens, {differing} differ): a draft must "
+                             f"share the target's tokenizer (e.g. a smaller model of the same family)")
+        runner = ModelRunner(draft, self.device, self.runner.dtype, self.config.quantization)
+        runner.allocate_kv_cache(num_blocks, self.block_manager.block_size, kv_int8)
+        log.info("draft model: %s", describe_path(runner.execution_path()))
+        return Speculator(spec, DraftModelProposer(runner, self.block_manager.block_size), self.max_model_len)
 
     def stats(self) -> EngineStats:
         """Safe to call from any thread (the counters are read without a lock: a snapshot may be
@@ -201,4 +239,5 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.stats.queried_tokens, prefix_cache_hit_tokens=bm.stats.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self._num_steps,
             last_step_tokens=self._last_step_tokens, tokens_computed=self._tokens_computed,
-            generated_tokens=self._generated_tokens)
+            generated_tokens=self._generated_tokens,
+            speculation=self.speculator.stats if self.speculator else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,24 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
     return logits
 
 
+@dataclass
+class Target:
+    """What the sampler would draw from: one token (greedy, forced) or probabilities over `ids`
+    (a top-k subset of the vocabulary) or over the whole vocabulary when `ids` is None."""
+    token: int | None = None
+    probs: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    vocab_size: int = 0
+
+    def full_probs(self) -> torch.Tensor:
+        """Probabilities over the whole vocabulary (normalised)."""
+        assert self.probs is not None
+        probs = self.probs / self.probs.sum()
+        if self.ids is None:
+            return probs
+        return torch.zeros(self.vocab_size, dtype=probs.dtype).scatter_(0, self.ids, probs)
+
+
 class Sampler:
     def __init__(self, tokenizer: Tokenizer, outputs: OutputProcessor):
         self.tokenizer = tokenizer
@@ -55,42 +73,54 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, Logprob] | None]]:
         """logits: [len(seqs), vocab] float32. Returns (token, logprobs or None) per sequence."""
-        results = []
-        for row, seq in zip(logits, seqs):
-            p = seq.params
-            raw = row
-            forced = self.outputs.forced_token(seq)
-            constrained = self.outputs.constrained(seq)
-            if forced is not None:
-                results.append((forced, self._logprobs(raw, forced, p.logprobs) if p.logprobs is not None else None))
-                continue
-            penalized = p.repetition_penalty != 1.0 or bool((p.presence_penalty or p.frequency_penalty)
-                                                             and seq.output_token_ids)
-            if penalized or constrained:  # else the row is used as it is (no 152k-entry passes)
-                row = _apply_penalties(row.clone(), seq)
-                if constrained:
-                    seq.grammar.mask_logits(row)  # type: ignore[union-attr]
-                if not math.isfinite(float(row.max())):
-                    row = _finite(row)  # NaN from the model
-                if not math.isfinite(float(row.max())):
-                    row = raw  # nothing left to choose from: fall back to the model's own choice
-                    p = replace(p, temperature=0.0)
-            if p.greedy:
-                token = int(torch.argmax(row))
-            else:
-                ids = None
-                if 0 < p.top_k < row.shape[-1]:
-                    # Only the top k can be drawn: filter and sample among them (a full-vocabulary
-                    # sort for top-p cost ~2.5 ms a token on 152k entries).
-                    row, ids = torch.topk(row, p.top_k)
-                row = _filter(row / p.temperature, 0, p.top_p, p.min_p)
-                probs = torch.nan_to_num(row.softmax(-1), nan=0.0)
-                if float(probs.sum()) <= 0:  # every weight underflowed: take the most likely token
-                    probs = (row == row.max()).float()
-                choice = int(torch.multinomial(probs, 1, generator=seq.generator))
-                token = int(ids[choice]) if ids is not None else choice
-            results.append((token, self._logprobs(raw, token, p.logprobs) if p.logprobs is not None else None))
-        return results
+        return [self.sample(row, seq) for row, seq in zip(logits, seqs)]
+
+    def sample(self, raw: torch.Tensor, seq: Sequence) -> tuple[int, dict[int, Logprob] | None]:
+        """A token for `seq` from one row of logits, and its logprobs if asked for."""
+        target = self.target(raw, seq)
+        if target.token is not None:
+            token = target.token
+        else:
+            choice = int(torch.multinomial(target.probs, 1, generator=seq.generator))
+            token = int(target.ids[choice]) if target.ids is not None else choice
+        return token, self.logprobs(raw, token, seq)
+
+    def target(self, raw: torch.Tensor, seq: Sequence) -> Target:
+        """The distribution the next token of `seq` is drawn from: penalties, the grammar's mask,
+        temperature, top-k/top-p/min-p applied to the model's row; a single token when greedy or forced."""
+        p = seq.params
+        forced = self.outputs.forced_token(seq)
+        if forced is not None:
+            return Target(token=forced)
+        row = raw
+        constrained = self.outputs.constrained(seq)
+        penalized = p.repetition_penalty != 1.0 or bool((p.presence_penalty or p.frequency_penalty)
+                                                         and seq.output_token_ids)
+        if penalized or constrained:  # else the row is used as it is (no 152k-entry passes)
+            row = _apply_penalties(row.clone(), seq)
+            if constrained:
+                seq.grammar.mask_logits(row)  # type: ignore[union-attr]
+            if not math.isfinite(float(row.max())):
+                row = _finite(row)  # NaN from the model
+            if not math.isfinite(float(row.max())):
+                row = raw  # nothing left to choose from: fall back to the model's own choice
+                p = replace(p, temperature=0.0)
+        if p.greedy:
+            return Target(token=int(torch.argmax(row)))
+        ids = None
+        if 0 < p.top_k < row.shape[-1]:
+            # Only the top k can be drawn: filter and sample among them (a full-vocabulary
+            # sort for top-p cost ~2.5 ms a token on 152k entries).
+            row, ids = torch.topk(row, p.top_k)
+        row = _filter(row / p.temperature, 0, p.top_p, p.min_p)
+        probs = torch.nan_to_num(row.softmax(-1), nan=0.0)
+        if float(probs.sum()) <= 0:  # every weight underflowed: take the most likely token
+            probs = (row == row.max()).float()
+        return Target(probs=probs, ids=ids, vocab_size=raw.shape[-1])
+
+    def logprobs(self, raw: torch.Tensor, token: int, seq: Sequence) -> dict[int, Logprob] | None:
+        top_n = seq.params.logprobs
+        return None if top_n is None else self._logprobs(raw, token, top_n)
 
     def _logprobs(self, raw: torch.Tensor, token: int, top_n: int) -> dict[int, Logprob]:
         """Log-probabilities of the model's distribution (before sampling transforms)."""

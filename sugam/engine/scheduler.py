@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -31,14 +33,18 @@ class ScheduledSequence:
     seq: Sequence
     start: int                 # first position computed this step (= seq.num_computed_tokens)
     num_new_tokens: int        # tokens of the sequence computed this step, from `start` on
-    # Guessed tokens computed after them to be verified (speculative decoding); their rows'
-    # logits are wanted too. Empty for plain decoding.
+    num_lookahead: int = 0     # room (KV slots, token budget) reserved for guesses after them
+    # Guessed tokens computed after them to be verified (speculative decoding, at most
+    # num_lookahead); their rows' logits are wanted too. Empty for plain decoding.
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: list[Any] | None = None  # the guesser's distribution per guess (None: one-hot)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the sequence's newest token, so that it samples the next one."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    # Whether this step reaches the sequence's newest token, so that it samples the next one
+    # (fixed when scheduled: the tokens sampled afterwards do not change it).
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -135,7 +141,10 @@ class Scheduler:
                     return seq
         return None
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, lookahead: Callable[[Sequence], int] | None = None) -> SchedulerOutput:
+        """`lookahead(seq)`: how many guessed tokens a decoding sequence would like verified after
+        its newest one; room is reserved where the token budget and free blocks allow (a guess
+        never preempts anybody)."""
         self._apply_door()
         bm, budget = self.block_manager, self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
@@ -156,8 +165,15 @@ class Scheduler:
                     break
             else:
                 bm.grow(seq, seq.num_computed_tokens + n)
-                scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, n))
-                budget -= n
+                extra = 0
+                if lookahead is not None and n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens:
+                    extra = min(lookahead(seq), budget - 1)
+                    if extra > 0 and bm.can_grow(seq, seq.num_tokens + extra):
+                        bm.grow(seq, seq.num_tokens + extra)
+                    else:
+                        extra = 0
+                scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, n, extra))
+                budget -= n + extra
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             prefix = bm.lookup_prefix(seq)

@@ -19,6 +19,7 @@ from ..sampling_params import SamplingParams
 if TYPE_CHECKING:
     from ..tokenizer import IncrementalDetokenizer
     from .output_processor import Checkpoint
+    from .speculative import SpeculationState
     from .structured import GrammarMatcher
 
 
@@ -97,6 +98,9 @@ class Sequence:
         self.max_output_tokens = min(params.max_tokens or max_total_tokens, max_total_tokens - len(prompt_token_ids))
         self.grammar = grammar
         self.text_state = text_state
+        # Speculative decoding: tokens whose K/V the draft model holds, and how many to guess next.
+        self.num_draft_computed_tokens = 0
+        self.speculation: SpeculationState | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -32,6 +32,12 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("sugam_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("sugam_preemptions", "Sequences preempted since start", registry=r)
+        # Speculative decoding (vLLM's spec_decode_* names; zero while it is off).
+        self.spec = {name: Gauge(f"sugam_spec_decode_{name}", text, registry=r) for name, text in (
+            ("num_drafts", "Verification steps with at least one guessed token"),
+            ("num_draft_tokens", "Guessed tokens verified"),
+            ("num_accepted_tokens", "Guessed tokens the model confirmed"),
+            ("num_emitted_tokens", "Tokens produced by verification steps (accepted + the model's own)"))}
         self.execution = Info("sugam_execution", "The path chosen at load: CPU, kernels, weights, compute dtype",
                               registry=r)
 
@@ -47,4 +53,7 @@ class ServerMetrics:
             self.kv_usage.set(stats.kv_usage)
             self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
             self.preemptions.set(stats.num_preemptions)
+            if stats.speculation is not None:
+                for name, gauge in self.spec.items():
+                    gauge.set(getattr(stats.speculation, name))
         return generate_latest(self.registry)
