@@ -201,6 +201,29 @@ def test_native_decoder_only_where_its_kernels_apply(tmp_path):
     assert LLM(str(path), dtype="bfloat16").engine.runner.native_decoder is not None
 
 
+def test_speculative_verification_rows_stay_on_the_native_decoder(tmp_path):
+    """The k+1 rows of a speculative step are decode rows: the native decoder and the packed kernels
+    take them (no dequantize + GEMM), and the greedy tokens are plain decoding's."""
+    from conftest import build_hf_model, train_tokenizer
+    from gguf_writer import write_gguf
+
+    from sugam import LLM, SamplingParams
+
+    model = build_hf_model(tmp_path / "hf", "qwen2", hidden_size=128, intermediate_size=256)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, train_tokenizer(), quant=QT.Q8_0)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 17, 42, 5, 17, 42, 5], [8, 9, 8, 9]]
+    expected = [o.outputs[0].token_ids for o in LLM(str(path), dtype="bfloat16").generate(prompts, params)]
+    llm = LLM(str(path), dtype="bfloat16", speculative_config={"model": str(path), "num_speculative_tokens": 3})
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == expected
+    engine = llm.engine
+    assert engine.speculator.stats.num_accepted_tokens > 0
+    # Every step after the prompts' went through the native decoder, verification rows included.
+    assert engine.runner.native_decoder_steps == engine.stats().num_steps - 1
+
+
 def test_native_decoder_runs_only_architectures_that_declare_it(tmp_path, monkeypatch):
     """A registered model class that does not itself declare the native decoder's layer form (here
     a subclass of Qwen2's, as a new model reusing its tensor names would be) takes the Python
