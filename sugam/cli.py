@@ -46,6 +46,8 @@ def _add_speculative_args(p: argparse.ArgumentParser) -> None:
 def _speculative(args: argparse.Namespace) -> Any:
     from .engine.speculative import SpeculativeConfig
 
+    if not hasattr(args, "speculative"):  # a command without the options (perplexity)
+        return None
     if args.speculative and args.speculative_config:
         raise SugamError("give --speculative or --speculative-config, not both")
     spec = args.speculative_config or args.speculative

@@ -84,14 +84,15 @@ def test_matmul_equals_its_int8_activation_math(qtype, rows):
     assert torch.allclose(got_bf16.double(), expected_bf16, rtol=1e-2, atol=1e-2 * expected_bf16.abs().max().item())
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K"])
-def test_each_row_gets_the_same_result_whatever_the_batch(qtype):
-    cols = 256
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q5_0", "Q6_K"])
+@pytest.mark.parametrize("rows", [2, 5, 6, 7, 11])  # K-quants: groups of up to 6 rows, else 4 at a time
+def test_each_row_gets_the_same_result_whatever_the_batch(qtype, rows):
+    cols = 512
     raw = random_blocks(qtype, 64, cols)
     packed = torch.from_numpy(pack_rows(raw, qtype, cols))
-    x = torch.randn(6, cols).bfloat16()
+    x = torch.randn(rows, cols).bfloat16()
     batch = native.gguf_matmul(x, packed, qtype, cols)
-    for i in range(6):
+    for i in range(rows):
         assert torch.equal(native.gguf_matmul(x[i:i + 1], packed, qtype, cols)[0], batch[i])
 
 
