@@ -63,8 +63,9 @@ requests = st.lists(st.tuples(
 @given(reqs=requests, pool_tokens=st.sampled_from([48, 96, 400]), speculative=st.sampled_from([None, "ngram", "draft"]))
 def test_no_block_leaks_under_random_traffic(folder, reqs, pool_tokens, speculative):
     per_token = 2 * 2 * 2 * 16 * 4  # layers * (k, v) * kv_heads * head_dim * fp32 bytes
-    spec = {None: None, "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
-            "draft": {"model": folder, "num_speculative_tokens": 2}}[speculative]
+    spec = {None: None, "ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                  "max_step_rows": 64},
+            "draft": {"model": folder, "num_speculative_tokens": 2, "max_step_rows": 64}}[speculative]
     llm = LLM(folder, dtype="float32", block_size=4, kv_cache_memory=per_token * pool_tokens,
               max_num_seqs=6, max_num_batched_tokens=32, speculative_config=spec)
     engine = llm.engine

@@ -14,7 +14,8 @@ from sugam import LLM, SamplingParams
 from sugam.engine.speculative import NgramProposer, SpeculativeConfig
 from sugam.errors import SugamError
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+# Tests lift the cap on a step's rows (max_step_rows), so that batches verify guesses too.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "max_step_rows": 4096}
 # Prompts that repeat themselves, so that prompt lookup has something to propose.
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 9], [30, 31, 32, 33],
            [40 + i % 7 for i in range(30)], [12, 13]]
@@ -35,8 +36,8 @@ def other_draft(tmp_path_factory) -> str:
 
 
 def spec_configs(folder: str, other: str) -> dict[str, dict]:
-    return {"ngram": NGRAM, "draft-self": {"model": folder, "num_speculative_tokens": 3},
-            "draft-other": {"model": other, "num_speculative_tokens": 3}}
+    return {"ngram": NGRAM, "draft-self": {"model": folder, "num_speculative_tokens": 3, "max_step_rows": 4096},
+            "draft-other": {"model": other, "num_speculative_tokens": 3, "max_step_rows": 4096}}
 
 
 def all_free(llm: LLM) -> bool:
@@ -82,7 +83,8 @@ def test_structured_output_and_seeded_sampling_with_speculation(folder):
     params = SamplingParams(temperature=0, max_tokens=60, json_schema=schema)
     prompt = [5, 6, 7, 8, 5, 6, 7, 8]
     plain = LLM(folder, dtype="float32").generate([prompt], params)[0].outputs[0]
-    llm = LLM(folder, dtype="float32", speculative_config={"model": folder, "num_speculative_tokens": 3})
+    llm = LLM(folder, dtype="float32", speculative_config={"model": folder, "num_speculative_tokens": 3,
+                                                           "max_step_rows": 4096})
     got = llm.generate([prompt], params)[0].outputs[0]
     assert (got.token_ids, got.text) == (plain.token_ids, plain.text)
     # n=2 is two sequences with their own seeds: each reproducible run to run.
@@ -241,3 +243,21 @@ def test_real_models_greedy_equals_plain(target, spec):
     stats = llm.engine.stats().speculation
     assert stats.num_accepted_tokens > 0
     assert all_free(llm)
+
+
+def test_guesses_are_trimmed_to_the_step_row_cap(folder):
+    """On a CPU, a step with guesses stays small (CPU_SPECULATIVE_STEP_ROWS): one stream guesses up
+    to k, a full batch guesses nothing (it is compute-bound already), and outputs do not change."""
+    from sugam.engine.speculative import CPU_SPECULATIVE_STEP_ROWS
+
+    llm = LLM(folder, dtype="float32", speculative_config={"model": folder, "num_speculative_tokens": 3})
+    assert llm.engine.speculator.max_step_rows == CPU_SPECULATIVE_STEP_ROWS
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate([[5, 6, 7]], params)
+    assert llm.engine.stats().speculation.num_draft_tokens > 0
+    before = llm.engine.stats().speculation.num_draft_tokens
+    prompts = [[5 + i, 6, 7] for i in range(CPU_SPECULATIVE_STEP_ROWS)]
+    plain = LLM(folder, dtype="float32").generate(prompts, params)
+    got = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+    assert llm.engine.stats().speculation.num_draft_tokens == before  # six decoding rows: no room

@@ -26,7 +26,14 @@ from .runner import ModelRunner, describe_path, kv_bytes_per_token
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
-from .speculative import DraftModelProposer, NgramProposer, SpeculationStats, SpeculativeConfig, Speculator
+from .speculative import (
+    CPU_SPECULATIVE_STEP_ROWS,
+    DraftModelProposer,
+    NgramProposer,
+    SpeculationStats,
+    SpeculativeConfig,
+    Speculator,
+)
 from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -213,8 +220,9 @@ class LLMEngine:
 
     def _build_speculator(self, spec: SpeculativeConfig, draft: LoadedCheckpoint | None, num_blocks: int,
                           kv_int8: bool) -> Speculator:
+        step_rows = spec.max_step_rows or (CPU_SPECULATIVE_STEP_ROWS if self.device.type == "cpu" else None)
         if spec.method == "ngram":
-            return Speculator(spec, NgramProposer(spec), self.max_model_len)
+            return Speculator(spec, NgramProposer(spec), self.max_model_len, step_rows)
         if draft is None:
             raise SugamError(f"the draft model {spec.model!r} was not loaded")
         draft_vocab = Tokenizer(draft.tokenizer).backend.get_vocab()
@@ -227,7 +235,7 @@ class LLMEngine:
         runner = ModelRunner(draft, self.device, self.runner.dtype, self.config.quantization)
         runner.allocate_kv_cache(num_blocks, self.block_manager.block_size, kv_int8)
         log.info("draft model: %s", describe_path(runner.execution_path()))
-        return Speculator(spec, DraftModelProposer(runner, self.block_manager.block_size), self.max_model_len)
+        return Speculator(spec, DraftModelProposer(runner, self.block_manager.block_size), self.max_model_len, step_rows)
 
     def stats(self) -> EngineStats:
         """Safe to call from any thread (the counters are read without a lock: a snapshot may be

@@ -39,6 +39,12 @@ if TYPE_CHECKING:
     from .sampler import Sampler
 
 MAX_SPECULATIVE_TOKENS = 16
+# On a CPU a step's cost grows with its rows (the kernels are compute-bound per row on few cores:
+# 6 rows cost ~2.3-2.7x one on the 2-core Zen 4, 8 concurrent decodes already ~3.4x), so a guess is
+# only cheap while the step is small. Guesses are trimmed so that a step stays within this many
+# rows: one stream guesses 5 tokens, two guess 2 each, eight none (measured: with 48 rows of
+# guesses 8 concurrent code edits ran at 0.93x plain, compute-bound either way).
+CPU_SPECULATIVE_STEP_ROWS = 6
 
 
 @dataclass
@@ -50,6 +56,8 @@ class SpeculativeConfig:
     model: str | None = None             # the draft model (alias, .gguf, folder)
     prompt_lookup_max: int = 4           # ngram: longest suffix looked up
     prompt_lookup_min: int = 2           # ngram: shortest (1 guesses after any repeated token: often wrong)
+    # sugam's: rows a step may have with its guesses (None: CPU_SPECULATIVE_STEP_ROWS on a CPU, no cap elsewhere)
+    max_step_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("ngram", "draft_model"):
@@ -63,6 +71,9 @@ class SpeculativeConfig:
                 raise SugamError(f"speculative {name} must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {value!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise SugamError("speculative prompt_lookup_min must not exceed prompt_lookup_max")
+        if self.max_step_rows is not None and (isinstance(self.max_step_rows, bool) or not isinstance(self.max_step_rows, int)
+                                               or self.max_step_rows < 2):
+            raise SugamError(f"speculative max_step_rows must be an integer >= 2, got {self.max_step_rows!r}")
 
     @classmethod
     def parse(cls, spec: dict[str, Any] | str | None, num_speculative_tokens: int | None = None
@@ -81,7 +92,7 @@ class SpeculativeConfig:
                 spec = {"method": "ngram"} if text == "ngram" else {"model": text}
         if not isinstance(spec, dict):
             raise SugamError("the speculative config must be a JSON object")
-        known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "max_step_rows"}
         unknown = set(spec) - known
         if unknown:
             raise SugamError(f"unknown speculative option(s) {', '.join(sorted(unknown))}; "
@@ -94,7 +105,8 @@ class SpeculativeConfig:
         lookup_max = spec.get("prompt_lookup_max", 4)
         return cls(method=method, num_speculative_tokens=k, model=spec.get("model"),
                    prompt_lookup_max=lookup_max,
-                   prompt_lookup_min=spec.get("prompt_lookup_min", min(2, lookup_max)))
+                   prompt_lookup_min=spec.get("prompt_lookup_min", min(2, lookup_max)),
+                   max_step_rows=spec.get("max_step_rows"))
 
 
 @dataclass
@@ -208,8 +220,11 @@ def _draw(row: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor]:
 class Speculator:
     """Decides how many guesses each sequence makes, asks the proposer, verifies, and adapts."""
 
-    def __init__(self, config: SpeculativeConfig, proposer: NgramProposer | DraftModelProposer, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, proposer: NgramProposer | DraftModelProposer, max_model_len: int,
+                 max_step_rows: int | None = None):
+        """`max_step_rows`: guesses are trimmed so that a step has at most this many rows (None: no cap)."""
         self.config, self.proposer, self.max_model_len = config, proposer, max_model_len
+        self.max_step_rows = max_step_rows
         self.stats = SpeculationStats()
 
     def lookahead(self, seq: Sequence) -> int:
@@ -226,6 +241,11 @@ class Speculator:
 
     def propose(self, output: SchedulerOutput) -> None:
         requests = [(s, s.num_lookahead) for s in output.scheduled if s.num_lookahead > 0]
+        if requests and self.max_step_rows is not None:
+            spare = self.max_step_rows - output.num_batched_tokens  # the rows the step has without guesses
+            share, extra = divmod(max(0, spare), len(requests))
+            requests = [(s, min(k, share + (i < extra))) for i, (s, k) in enumerate(requests)]
+            requests = [(s, k) for s, k in requests if k > 0]
         if not requests:
             return
         for (entry, k), proposal in zip(requests, self.proposer.propose(requests)):
