@@ -169,7 +169,8 @@ class DraftModelProposer:
         self.runner, self.block_size = runner, block_size
 
     def propose(self, requests: list[tuple[ScheduledSequence, int]]) -> list[Proposal]:
-        proposals = [Proposal([], []) for _ in requests]
+        # A greedy sequence's guesses are certain (its verification never reads q): no distributions.
+        proposals = [Proposal([], None if entry.seq.params.greedy else []) for entry, _ in requests]
         # Catch up: every token the draft has not seen yet (a whole prompt the first time), then
         # the first guess from the last row.
         entries = []
@@ -187,7 +188,8 @@ class DraftModelProposer:
             for row, i in zip(logits, live):
                 token, probs = _draw(row, requests[i][0].seq)
                 proposals[i].tokens.append(token)
-                proposals[i].probs.append(probs)  # type: ignore[union-attr]
+                if proposals[i].probs is not None and probs is not None:
+                    proposals[i].probs.append(probs)
             live = [i for i in live if len(proposals[i].tokens) < requests[i][1]]
             if not live:
                 break
@@ -205,13 +207,12 @@ def _fit(q: torch.Tensor, size: int) -> torch.Tensor:
     return q[:size] if q.shape[0] > size else torch.nn.functional.pad(q, (0, size - q.shape[0]))
 
 
-def _draw(row: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor]:
+def _draw(row: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
     """A draft token and the distribution it was drawn from (any q keeps the result exact; the
-    closer to the target's, the more is accepted)."""
+    closer to the target's, the more is accepted); None when the token is certain (greedy)."""
     p = seq.params
     if p.greedy:
-        token = int(torch.argmax(row))
-        return token, torch.nn.functional.one_hot(torch.tensor(token), row.shape[-1]).float()
+        return int(torch.argmax(row)), None
     probs = (row / p.temperature).softmax(-1)
     token = int(torch.multinomial(probs, 1, generator=seq.generator))
     return token, probs
