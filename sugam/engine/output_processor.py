@@ -133,9 +133,6 @@ class OutputProcessor:
         if seq.logprobs is not None:
             del seq.logprobs[kept:]
 
-    def abort(self, seq: Sequence) -> None:
-        self._finish(seq, "abort", None)
-
     def _match_stop_string(self, seq: Sequence) -> bool:
         # Only the tail can hold a new match: the text before it was checked on earlier tokens.
         state = seq.text_state

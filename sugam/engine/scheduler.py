@@ -136,7 +136,7 @@ class Scheduler:
                 if seq.request_id == request_id:
                     queue.remove(seq)
                     self.block_manager.free(seq)
-                    seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, "abort", None
+                    _mark_aborted(seq)
                     self._publish_counts()
                     return seq
         return None
@@ -228,7 +228,7 @@ class Scheduler:
         for seq in submitted:
             if seq.request_id in aborts:
                 aborts.discard(seq.request_id)
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+                _mark_aborted(seq)
             else:
                 self.waiting.append(seq)
         for request_id in aborts:
@@ -238,3 +238,7 @@ class Scheduler:
     def _publish_counts(self) -> None:
         with self._lock:
             self._counts = SchedulerCounts(len(self.waiting) + len(self._submitted), len(self.running))
+
+
+def _mark_aborted(seq: Sequence) -> None:
+    seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, "abort", None
