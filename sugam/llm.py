@@ -17,6 +17,7 @@ from .engine.speculative import SpeculativeConfig
 from .errors import SugamError
 from .hardware import cpu_compute_dtype
 from .loader import open_checkpoint
+from .lora.adapter import LoRARequest
 from .quant.policy import checkpoint_mode
 from .registry import DEFAULT_MODEL, apply_alias_defaults, resolve
 from .sampling_params import SamplingParams
@@ -90,14 +91,18 @@ class LLM:
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, enable_prefix_caching: bool = True,
                  quantization: str = "auto", kv_cache_dtype: str = "auto", download: bool = True,
-                 speculative_config: dict[str, Any] | SpeculativeConfig | None = None):
+                 speculative_config: dict[str, Any] | SpeculativeConfig | None = None,
+                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16):
+        """`enable_lora`: serve LoRA adapters (pass `lora_request=LoRARequest(name, id, path)` to
+        generate / chat / stream; up to `max_loras` adapters in one batch, ranks up to `max_lora_rank`)."""
         self.model_path = resolve(model, download=download)
         self.engine = load_engine(
             self.model_path, dtype, device,
             EngineConfig(max_model_len=max_model_len, block_size=block_size, kv_cache_memory=kv_cache_memory,
                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          enable_prefix_caching=enable_prefix_caching, quantization=quantization,
-                         kv_cache_dtype=kv_cache_dtype,
+                         kv_cache_dtype=kv_cache_dtype, enable_lora=enable_lora, max_loras=max_loras,
+                         max_lora_rank=max_lora_rank,
                          speculative=speculative_config if isinstance(speculative_config, SpeculativeConfig)
                          else SpeculativeConfig.parse(speculative_config)),
             download=download)
@@ -114,20 +119,25 @@ class LLM:
     # ---- batch APIs -----------------------------------------------------------------------------
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids). Returns one RequestOutput per prompt, in order."""
+                 use_tqdm: bool | None = None,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids). Returns one RequestOutput per prompt, in order.
+        `lora_request`: one adapter for all prompts, or a list with one per prompt (None: the base)."""
         batch = _as_prompt_list(prompts)
         param_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(batch)
         if len(param_list) != len(batch):
             raise SugamError(f"{len(batch)} prompts but {len(param_list)} SamplingParams")
+        lora_list = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(batch)
+        if len(lora_list) != len(batch):
+            raise SugamError(f"{len(batch)} prompts but {len(lora_list)} LoRA requests")
         from tqdm import tqdm
 
         show = use_tqdm if use_tqdm is not None else len(batch) > 1 and sys.stderr.isatty()
         seqs = []
         results: list[RequestOutput | None] = [None] * len(batch)
         try:
-            for prompt, sp in zip(batch, param_list):
-                seqs.append(self.engine.add_request(prompt, sp))
+            for prompt, sp, lora in zip(batch, param_list, lora_list):
+                seqs.append(self.engine.add_request(prompt, sp, lora_request=lora))
             wanted = {s.request_id: i for i, s in enumerate(seqs)}
             with tqdm(total=len(seqs), desc="generate", unit="req", disable=not show, file=sys.stderr) as bar:
                 while any(r is None for r in results) and self.engine.has_unfinished():
@@ -144,19 +154,21 @@ class LLM:
     def chat(self, messages: list[Message] | list[list[Message]],
              params: SamplingParams | Seq[SamplingParams] | None = None, *, tools: list[dict] | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
-             use_tqdm: bool | None = None) -> list[RequestOutput]:
+             use_tqdm: bool | None = None,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of messages) or many (a list of such lists)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs)
                    for c in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        return self.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     # ---- streaming ------------------------------------------------------------------------------
 
-    def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None,
+                       lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each time the request advances (`.outputs[0].delta_text` is new text).
         Closing the iterator early (or Ctrl-C) aborts the request and frees its KV blocks."""
-        seq = self.engine.add_request(prompt, params)
+        seq = self.engine.add_request(prompt, params, lora_request=lora_request)
         try:
             while not seq.finished:
                 for out in self.engine.step():
@@ -165,16 +177,17 @@ class LLM:
         finally:
             self.engine.abort_request(seq.request_id)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               lora_request: LoRARequest | None = None) -> Iterator[str]:
         """Yield text deltas as they are generated."""
-        for out in self.stream_outputs(prompt, params):
+        for out in self.stream_outputs(prompt, params, lora_request):
             if out.outputs[0].delta_text:
                 yield out.outputs[0].delta_text
 
     def stream_chat(self, messages: list[Message], params: SamplingParams | None = None,
-                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None
-                    ) -> Iterator[str]:
-        return self.stream(self.chat_prompt(messages, tools, True, chat_template_kwargs), params)
+                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                    lora_request: LoRARequest | None = None) -> Iterator[str]:
+        return self.stream(self.chat_prompt(messages, tools, True, chat_template_kwargs), params, lora_request)
 
     def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True,

@@ -9,12 +9,16 @@ one; `evaluate.perplexity` builds one for each window of a text.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..layers.attention import AttentionMetadata
 from .scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from .lora_manager import LoadedLoRA
 
 
 @dataclass
@@ -27,6 +31,7 @@ class BatchEntry:
     block_table: list[int]
     num_logits: int
     rows_as_decodes: bool = False
+    lora_slot: int | None = None     # the LoRA slot its rows use (None: the base model)
 
 
 @dataclass
@@ -36,8 +41,8 @@ class ForwardBatch:
     attention: AttentionMetadata       # slots, per-sequence lengths and block tables
     logits_indices: torch.Tensor       # [rows wanted] long, in entry order
     num_logits: list[int]              # per entry: how many of logits_indices are its rows
-    # Per-token extras a model may read (e.g. an adapter index per token for LoRA); None when unused.
-    token_extras: dict[str, torch.Tensor] | None = None
+    # LoRA: (slot, row indices) per adapter of the step, rows None when one adapter has all rows.
+    lora_groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -49,7 +54,10 @@ class ForwardBatch:
         positions: list[int] = []
         slots: list[int] = []
         query_lens, context_lens, tables, logit_rows = [], [], [], []
+        lora_rows: dict[int, list[int]] = {}
         for entry in entries:
+            if entry.lora_slot is not None:
+                lora_rows.setdefault(entry.lora_slot, []).extend(range(len(token_ids), len(token_ids) + len(entry.token_ids)))
             start, n, table = entry.start, len(entry.token_ids), entry.block_table
             token_ids.extend(entry.token_ids)
             for pos in range(start, start + n):
@@ -67,13 +75,18 @@ class ForwardBatch:
             logit_rows.extend(range(len(token_ids) - entry.num_logits, len(token_ids)))
         meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
                                        query_lens, context_lens, tables)
+        lora_groups = [(slot, None if len(rows) == len(token_ids) else torch.tensor(rows, dtype=torch.long, device=device))
+                       for slot, rows in lora_rows.items()]
         return cls(torch.tensor(token_ids, dtype=torch.long, device=device),
                    torch.tensor(positions, dtype=torch.long, device=device), meta,
                    torch.tensor(logit_rows, dtype=torch.long, device=device),
-                   [e.num_logits for e in entries])
+                   [e.num_logits for e in entries], lora_groups)
 
     @classmethod
-    def from_schedule(cls, output: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
+    def from_schedule(cls, output: SchedulerOutput, block_size: int, device: torch.device,
+                      lora_slots: dict[LoadedLoRA, int] | None = None) -> ForwardBatch:
+        """`lora_slots`: where each adapter of the step sits (LoRAManager.activate)."""
         return cls.build([BatchEntry(s.token_ids(), s.start, s.seq.block_table, s.num_logits,
-                                     rows_as_decodes=bool(s.draft_token_ids) and s.num_new_tokens == 1)
+                                     rows_as_decodes=bool(s.draft_token_ids) and s.num_new_tokens == 1,
+                                     lora_slot=lora_slots[s.seq.lora] if lora_slots and s.seq.lora else None)
                           for s in output.scheduled], block_size, device)

@@ -17,10 +17,12 @@ import torch
 
 from ..errors import PromptTooLongError, SugamError
 from ..loader.base import LoadedCheckpoint
+from ..lora.adapter import LoRAAdapter, LoRAError, LoRARequest
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
 from .batch import ForwardBatch
 from .block_manager import BlockManager
+from .lora_manager import LoadedLoRA, LoRAManager
 from .output_processor import OutputProcessor
 from .runner import ModelRunner, describe_path, kv_bytes_per_token
 from .sampler import Sampler
@@ -77,6 +79,9 @@ class EngineConfig:
     quantization: str = "auto"              # weights in memory: auto, none, gguf, int8, int4 (sugam/quant/policy.py)
     kv_cache_dtype: str = "auto"            # auto (the model dtype) or int8 (about half the memory per token)
     speculative: SpeculativeConfig | None = None  # guess tokens and verify them (docs/SPECULATIVE.md)
+    enable_lora: bool = False               # serve LoRA adapters (docs/CUSTOMIZE.md)
+    max_loras: int = 4                      # adapters in one batch (= LoRA slots in memory)
+    max_lora_rank: int = 16                 # the largest adapter rank accepted
 
 
 def available_memory(device: torch.device) -> int:
@@ -106,6 +111,9 @@ class LLMEngine:
         self.generation_defaults = checkpoint.generation
         self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
         self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization)
+        self.loras: LoRAManager | None = None
+        if self.config.enable_lora:
+            self.loras = self.runner.enable_lora(self.config.max_loras, self.config.max_lora_rank)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         think = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
         self.think_token_ids = think if None not in think else None
@@ -131,7 +139,8 @@ class LLMEngine:
             self.max_model_len = num_blocks * bs
         self.runner.allocate_kv_cache(num_blocks, bs, kv_int8)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.max_loras if cfg.enable_lora else None)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
                  num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
 
@@ -145,16 +154,18 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Sequence:
-        """Validate a request and queue it; raises InvalidRequestError / PromptTooLongError.
-        Safe to call from any thread (the request joins at the next step)."""
-        seq = self.create_sequence(prompt, params, request_id)
+                    request_id: str | None = None, lora_request: LoRARequest | None = None) -> Sequence:
+        """Validate a request and queue it; raises InvalidRequestError / PromptTooLongError /
+        LoRAError. Safe to call from any thread (the request joins at the next step)."""
+        seq = self.create_sequence(prompt, params, request_id, lora_request)
         self.scheduler.submit(seq)
         return seq
 
     def create_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
-                        request_id: str | None = None) -> Sequence:
-        """Validate and tokenize a request without queueing it (the async engine queues it later)."""
+                        request_id: str | None = None, lora_request: LoRARequest | None = None) -> Sequence:
+        """Validate and tokenize a request without queueing it (the async engine queues it later).
+        `lora_request`: the adapter to use; one not loaded yet is loaded from its path first."""
+        lora = self._lora_for(lora_request) if lora_request is not None else None
         params = (params or SamplingParams()).with_defaults(self.generation_defaults)
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
@@ -173,8 +184,44 @@ class LLMEngine:
         grammar = None
         if params.json_schema is not None or params.regex is not None:
             grammar = self.grammars.matcher(params.json_schema, params.regex)
-        return Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.max_model_len,
-                        generator, self.outputs.text_state(token_ids, params), grammar)
+        seq = Sequence(request_id or str(next(self._ids)), text, token_ids, params, self.max_model_len,
+                       generator, self.outputs.text_state(token_ids, params), grammar,
+                       cache_salt=lora.cache_salt if lora else None)
+        seq.lora = lora
+        return seq
+
+    # ---- LoRA adapters ----------------------------------------------------------------------------
+
+    def add_lora(self, request: LoRARequest, adapter: LoRAAdapter | None = None) -> LoadedLoRA:
+        """Load and register an adapter (raises LoRAError with the reason; nothing half-loaded)."""
+        if self.loras is None:
+            raise LoRAError("LoRA adapters are off: start with --lora / --enable-lora (LLM(enable_lora=True))")
+        return self.loras.add(request, adapter)
+
+    def remove_lora(self, name: str) -> bool:
+        """Forget an adapter (requests using it finish with it). True if it was loaded."""
+        return self.loras is not None and self.loras.remove(name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [lora.request for lora in self.loras.list()] if self.loras else []
+
+    def _lora_for(self, request: LoRARequest) -> LoadedLoRA:
+        if self.loras is None:
+            raise LoRAError("LoRA adapters are off: start with --lora / --enable-lora (LLM(enable_lora=True))")
+        loaded = self.loras.get(request.lora_name)
+        if loaded is None:
+            try:
+                loaded = self.loras.add(request)
+            except LoRAError as exc:
+                if "already loaded" not in str(exc):
+                    raise
+                loaded = self.loras.get(request.lora_name)  # another thread loaded it meanwhile
+                if loaded is None:
+                    raise
+        elif loaded.request.lora_path != request.lora_path and request.lora_path:
+            raise LoRAError(f"an adapter named {request.lora_name!r} is already loaded from "
+                            f"{loaded.request.lora_path}, not {request.lora_path}")
+        return loaded
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and give its KV blocks back (call it from the engine's thread; other
@@ -194,7 +241,11 @@ class LLMEngine:
             return []
         if spec:
             spec.propose(scheduled)
-        batch = ForwardBatch.from_schedule(scheduled, self.block_manager.block_size, self.device)
+        lora_slots = None
+        if self.loras is not None:
+            lora_slots = self.loras.activate((s.seq.lora for s in scheduled.scheduled if s.seq.lora),
+                                             {seq.lora for seq in self.scheduler.running if seq.lora})
+        batch = ForwardBatch.from_schedule(scheduled, self.block_manager.block_size, self.device, lora_slots)
         logits = self.runner.execute(batch)
         outputs, num_kept, row = [], [], 0
         for entry in scheduled.scheduled:

@@ -27,6 +27,7 @@ from ..quant.formats import int4_layout
 from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
 from ..quant.policy import checkpoint_mode, weight_chooser
 from .batch import ForwardBatch
+from .lora_manager import LoRAManager
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ModelRunner:
             gather_quantized_weights(model, QuantizedLinear)
         self.native_decoder = NativeDecoder.build(model)
         self.native_decoder_steps = 0      # steps it ran (for tests and the curious)
+        self.lora: LoRAManager | None = None
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))
@@ -97,9 +99,17 @@ class ModelRunner:
                                   self.dtype, self.device, int8)
                           for _ in range(cfg.num_hidden_layers)]
 
+    def enable_lora(self, max_loras: int, max_rank: int) -> LoRAManager:
+        """Give every layer LoRA slots (after loading; the native decoder is rebuilt to apply them)."""
+        self.lora = LoRAManager(self.model, max_loras, max_rank)
+        self.native_decoder = NativeDecoder.build(self.model)
+        return self.lora
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [tokens, hidden] of a batch (its K/V written to the cache)."""
+        if self.lora is not None:
+            self.lora.set_batch(batch.lora_groups)
         decoder = self.native_decoder
         if decoder is not None and not decoder.runs(batch.num_tokens, batch.attention):
             decoder = None

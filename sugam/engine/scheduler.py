@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .block_manager import BlockManager
@@ -73,17 +73,22 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerCounts:
     num_waiting: int   # including requests submitted but not yet seen by schedule()
     num_running: int
+    running_loras: tuple[str, ...] = ()   # names of the LoRA adapters running / waiting requests use
+    waiting_loras: tuple[str, ...] = ()
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None):
+        """`max_loras`: the most LoRA adapters running requests may use at once (the model's slots)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -99,7 +104,10 @@ class Scheduler:
         """Queue a validated sequence; it joins the waiting queue at the next `schedule()`."""
         with self._lock:
             self._submitted.append(seq)
-            self._counts.num_waiting += 1
+            names = self._counts.waiting_loras
+            if seq.lora is not None and seq.lora.name not in names:
+                names = tuple(sorted((*names, seq.lora.name)))
+            self._counts = replace(self._counts, num_waiting=self._counts.num_waiting + 1, waiting_loras=names)
 
     def request_abort(self, request_id: str) -> None:
         """Abort a request at the next `schedule()` (it frees the request's blocks)."""
@@ -108,7 +116,7 @@ class Scheduler:
 
     def counts(self) -> SchedulerCounts:
         with self._lock:
-            return SchedulerCounts(self._counts.num_waiting, self._counts.num_running)
+            return self._counts
 
     def has_pending(self) -> bool:
         """Submitted requests or aborts not yet applied."""
@@ -176,6 +184,8 @@ class Scheduler:
                 budget -= n + extra
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._lora_fits(seq):
+                break  # its adapter would need a slot that running requests hold
             prefix = bm.lookup_prefix(seq)
             computed = max(seq.num_computed_tokens, len(prefix) * bm.block_size)
             n = min(seq.num_tokens - computed, budget)
@@ -212,6 +222,12 @@ class Scheduler:
                 bm.free(seq)
         self._publish_counts()
 
+    def _lora_fits(self, seq: Sequence) -> bool:
+        if seq.lora is None or self.max_loras is None:
+            return True
+        running = {s.lora for s in self.running if s.lora is not None}
+        return seq.lora in running or len(running) < self.max_loras
+
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it will be recomputed from its tokens later."""
         self.running.remove(seq)
@@ -236,8 +252,11 @@ class Scheduler:
         self._publish_counts()
 
     def _publish_counts(self) -> None:
+        running = tuple(sorted({s.lora.name for s in self.running if s.lora is not None}))
         with self._lock:
-            self._counts = SchedulerCounts(len(self.waiting) + len(self._submitted), len(self.running))
+            waiting = tuple(sorted({s.lora.name for s in (*self.waiting, *self._submitted) if s.lora is not None}))
+            self._counts = SchedulerCounts(len(self.waiting) + len(self._submitted), len(self.running),
+                                           running, waiting)
 
 
 def _mark_aborted(seq: Sequence) -> None:

@@ -18,6 +18,7 @@ from ..sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from ..tokenizer import IncrementalDetokenizer
+    from .lora_manager import LoadedLoRA
     from .output_processor import Checkpoint
     from .speculative import SpeculationState
     from .structured import GrammarMatcher
@@ -91,6 +92,7 @@ class Sequence:
         # Enters the prefix-cache hash chain: requests with different salts (e.g. LoRA adapters,
         # whose K/V differ for the same tokens) never share blocks.
         self.cache_salt = cache_salt
+        self.lora: LoadedLoRA | None = None   # the LoRA adapter it runs with (None: the base model)
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None

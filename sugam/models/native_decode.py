@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import native
 from ..layers.attention import AttentionMetadata, KVCache
+from ..layers.lora import LoRAProjection, unwrap
 from ..quant.linear import QuantizedLinear, packed_kernel_max_rows
 
 # The layer decoder.cpp computes: pre-norm RMSNorm; q|k|v projections (optional bias); optional
@@ -31,8 +32,16 @@ def _layer_matrices(layer: nn.Module) -> list[nn.Module | None]:
     """The layer's projections in decoder.cpp's slots: q|k|v as one, two (q|k, v) or three matrices,
     then o, gate|up as one or two, down."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, gate_up = list(attn.qkv_proj.parts), list(mlp.gate_up_proj.parts)
-    return qkv + [None] * (3 - len(qkv)) + [attn.o_proj] + gate_up + [None] * (2 - len(gate_up)) + [mlp.down_proj]
+    qkv, gate_up = list(unwrap(attn.qkv_proj).parts), list(unwrap(mlp.gate_up_proj).parts)
+    return (qkv + [None] * (3 - len(qkv)) + [unwrap(attn.o_proj)] + gate_up + [None] * (2 - len(gate_up))
+            + [unwrap(mlp.down_proj)])
+
+
+def _lora_wrappers(layer: nn.Module) -> list[LoRAProjection] | None:
+    """The layer's LoRA wrappers in decoder.cpp's group order (q|k|v, o, gate|up, down), or None."""
+    attn, mlp = layer.self_attn, layer.mlp
+    wrappers = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+    return wrappers if all(isinstance(w, LoRAProjection) for w in wrappers) else None
 
 
 class NativeDecoder:
@@ -44,7 +53,14 @@ class NativeDecoder:
         self.intermediate, self.eps = cfg.intermediate_size, cfg.rms_norm_eps
         self.scale = cfg.head_dim ** -0.5
         self.matrices, self.qtypes, self.biases, self.norms = [], [], [], []
+        self.lora_a, self.lora_b = [], []
+        self.lora_batch = None   # LoRA slots (layers/lora.py): the step's groups are read from it
         for layer in model.model.layers:
+            wrappers = _lora_wrappers(layer)
+            if wrappers is not None:
+                self.lora_a += [w.lora_a for w in wrappers]
+                self.lora_b += [w.lora_b for w in wrappers]
+                self.lora_batch = wrappers[0].batch
             for m in _layer_matrices(layer):
                 self.matrices.append(None if m is None else m.packed)
                 self.qtypes.append(0 if m is None else native.ggml_type_id(m.qtype))
@@ -85,4 +101,5 @@ class NativeDecoder:
             [c.keys for c in kv_caches], [c.values for c in kv_caches],
             [c.key_scales for c in kv_caches], [c.value_scales for c in kv_caches],
             meta.slot_mapping, meta.decode_tables, meta.decode_lens,
-            self.heads, self.kv_heads, self.intermediate, self.eps, self.scale)
+            self.heads, self.kv_heads, self.intermediate, self.eps, self.scale,
+            self.lora_a, self.lora_b, self.lora_batch.groups if self.lora_batch is not None else None)

@@ -197,8 +197,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, matrices: list, qtypes: list[int],
                   biases: list, norms: list, k_caches: list, v_caches: list, k_scales: list, v_scales: list,
                   slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, heads: int,
-                  kv_heads: int, intermediate: int, eps: float, scale: float) -> torch.Tensor:
-    """Every decoder layer for one new token per sequence (the lists as models/native_decode.py builds them)."""
+                  kv_heads: int, intermediate: int, eps: float, scale: float, lora_a: list | None = None,
+                  lora_b: list | None = None, lora_groups: list | None = None) -> torch.Tensor:
+    """Every decoder layer for one new token per sequence (the lists as models/native_decode.py builds them).
+    LoRA: per layer the stacked A and B of its 4 groups, and the step's (slot, rows) groups."""
+    groups = lora_groups or []
     return torch.ops.sugam_cpu.decode_layers(x, cos, sin, matrices, qtypes, biases, norms, k_caches, v_caches,
                                              k_scales, v_scales, slots, block_tables, context_lens, heads,
-                                             kv_heads, intermediate, eps, scale)
+                                             kv_heads, intermediate, eps, scale, lora_a or [], lora_b or [],
+                                             [slot for slot, _ in groups], [rows for _, rows in groups])

@@ -20,6 +20,32 @@ namespace {
 enum Slot : int64_t { QKV0, QKV1, QKV2, O, GATE_UP0, GATE_UP1, DOWN, SLOTS };
 // A layer's norms, in the order of the `norms` list (q_norm / k_norm: Qwen3 only, else None).
 enum Norm : int64_t { INPUT, POST, Q_NORM, K_NORM, NORMS };
+// A layer's LoRA slots (layers/lora.py), in the order of the `lora_a` / `lora_b` lists.
+enum LoRAGroup : int64_t { LORA_QKV, LORA_O, LORA_GATE_UP, LORA_DOWN, LORA_GROUPS };
+
+// The step's LoRA adapters: per layer and group the stacked A [slots, width, in] and scaled B
+// [slots, out, width]; per adapter of the step its slot and its rows (None: all rows).
+struct LoRA {
+  const c10::List<c10::optional<at::Tensor>>& a;
+  const c10::List<c10::optional<at::Tensor>>& b;
+  at::IntArrayRef slots;
+  const c10::List<c10::optional<at::Tensor>>& rows;
+};
+
+// y += B_slot (A_slot x) for each adapter's rows: layers/lora.py apply_lora, op for op.
+at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const LoRA& lora, int64_t index) {
+  if (lora.slots.empty()) return y;
+  const c10::optional<at::Tensor> a = lora.a.get(index), b = lora.b.get(index);
+  TORCH_CHECK(a.has_value() && b.has_value(), "sugam decode_layers: LoRA group ", index, " lacks its slots");
+  for (size_t g = 0; g < lora.slots.size(); ++g) {
+    const c10::optional<at::Tensor> rows = lora.rows.get(g);
+    const at::Tensor xs = rows.has_value() ? x.index_select(0, *rows) : x;
+    const at::Tensor delta = at::matmul(at::matmul(xs, a->select(0, lora.slots[g]).t()), b->select(0, lora.slots[g]).t());
+    if (rows.has_value()) y.index_add_(0, *rows, delta);
+    else y.add_(delta);
+  }
+  return y;
+}
 
 struct Shapes {
   int64_t heads, kv_heads, dim, hidden, intermediate;
@@ -57,15 +83,17 @@ at::Tensor layer(at::Tensor x, int64_t l, const at::Tensor& cos, const at::Tenso
                  const c10::List<c10::optional<at::Tensor>>& biases, const c10::List<c10::optional<at::Tensor>>& norms,
                  const at::Tensor& k_cache, const at::Tensor& v_cache, const c10::optional<at::Tensor>& k_scales,
                  const c10::optional<at::Tensor>& v_scales, const at::Tensor& slots, const at::Tensor& block_tables,
-                 const at::Tensor& context_lens, const Shapes& s) {
-  const int64_t tokens = x.size(0), base = l * SLOTS;
+                 const at::Tensor& context_lens, const Shapes& s, const LoRA& lora) {
+  const int64_t tokens = x.size(0), base = l * SLOTS, groups = l * LORA_GROUPS;
   auto norm = [&](int64_t which) {
     const c10::optional<at::Tensor> w = norms.get(l * NORMS + which);
     TORCH_CHECK(w.has_value(), "sugam decode_layers: layer ", l, " lacks norm ", which);
     return *w;
   };
   // attention (models/qwen2.py Attention.forward)
-  const at::Tensor qkv = project(sugam::rms_norm(x, norm(INPUT), s.eps), matrices, qtypes, biases, base, QKV0, QKV2 + 1, s.hidden);
+  const at::Tensor normed = sugam::rms_norm(x, norm(INPUT), s.eps);
+  const at::Tensor qkv = add_lora(project(normed, matrices, qtypes, biases, base, QKV0, QKV2 + 1, s.hidden), normed, lora,
+                                  groups + LORA_QKV);
   TORCH_CHECK(qkv.size(1) == (s.heads + 2 * s.kv_heads) * s.dim, "sugam decode_layers: q/k/v outputs do not match the heads");
   at::Tensor qk = qkv.narrow(1, 0, (s.heads + s.kv_heads) * s.dim).view({tokens, s.heads + s.kv_heads, s.dim});
   const at::Tensor v = qkv.narrow(1, (s.heads + s.kv_heads) * s.dim, s.kv_heads * s.dim).view({tokens, s.kv_heads, s.dim});
@@ -78,10 +106,14 @@ at::Tensor layer(at::Tensor x, int64_t l, const at::Tensor& cos, const at::Tenso
   write_cache(v_cache, v_scales, slots, v);
   const at::Tensor attended = sugam::decode_attention(rotated.narrow(1, 0, s.heads).contiguous(), k_cache, v_cache, k_scales,
                                                       v_scales, block_tables, context_lens, s.scale);
-  x = x + project(attended.reshape({tokens, -1}), matrices, qtypes, biases, base, O, O + 1, s.heads * s.dim);
+  const at::Tensor heads_out = attended.reshape({tokens, -1});
+  x = x + add_lora(project(heads_out, matrices, qtypes, biases, base, O, O + 1, s.heads * s.dim), heads_out, lora, groups + LORA_O);
   // MLP
-  const at::Tensor gate_up = project(sugam::rms_norm(x, norm(POST), s.eps), matrices, qtypes, biases, base, GATE_UP0, GATE_UP1 + 1, s.hidden);
-  return x + project(sugam::silu_mul(gate_up), matrices, qtypes, biases, base, DOWN, DOWN + 1, s.intermediate);
+  const at::Tensor post = sugam::rms_norm(x, norm(POST), s.eps);
+  const at::Tensor gate_up = add_lora(project(post, matrices, qtypes, biases, base, GATE_UP0, GATE_UP1 + 1, s.hidden), post, lora,
+                                      groups + LORA_GATE_UP);
+  const at::Tensor act = sugam::silu_mul(gate_up);
+  return x + add_lora(project(act, matrices, qtypes, biases, base, DOWN, DOWN + 1, s.intermediate), act, lora, groups + LORA_DOWN);
 }
 
 }  // namespace
@@ -96,7 +128,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
                          at::TensorList k_caches, at::TensorList v_caches, const c10::List<c10::optional<at::Tensor>>& k_scales,
                          const c10::List<c10::optional<at::Tensor>>& v_scales, const at::Tensor& slots,
                          const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t heads, int64_t kv_heads,
-                         int64_t intermediate, double eps, double scale) {
+                         int64_t intermediate, double eps, double scale,
+                         const c10::List<c10::optional<at::Tensor>>& lora_a, const c10::List<c10::optional<at::Tensor>>& lora_b,
+                         at::IntArrayRef lora_slots, const c10::List<c10::optional<at::Tensor>>& lora_rows) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat) && x_in.is_contiguous(),
               "sugam decode_layers: x must be contiguous bf16 or fp32 [tokens, hidden]");
@@ -107,10 +141,15 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
               "sugam decode_layers: per layer ", SLOTS, " matrices, types and biases, ", NORMS, " norms and one cache of each kind");
   TORCH_CHECK(layers > 0 && heads > 0 && kv_heads > 0 && k_caches[0].dim() == 4, "sugam decode_layers: bad head counts or caches");
   const Shapes s{heads, kv_heads, k_caches[0].size(3), x_in.size(1), intermediate, eps, scale};
+  TORCH_CHECK(lora_slots.empty() || (static_cast<int64_t>(lora_a.size()) == layers * LORA_GROUPS &&
+                                     static_cast<int64_t>(lora_b.size()) == layers * LORA_GROUPS &&
+                                     lora_rows.size() == lora_slots.size()),
+              "sugam decode_layers: per layer ", LORA_GROUPS, " LoRA groups, and rows for each slot");
+  const LoRA lora{lora_a, lora_b, lora_slots, lora_rows};
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l)
     x = layer(x, l, cos, sin, matrices, qtypes, biases, norms, k_caches[l], v_caches[l], k_scales.get(l), v_scales.get(l),
-              slots, block_tables, context_lens, s);
+              slots, block_tables, context_lens, s, lora);
   return x;
 }
 
@@ -118,7 +157,7 @@ TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor?[] matrices, int[] qtypes, Tensor?[] biases, "
         "Tensor?[] norms, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor?[] k_scales, Tensor?[] v_scales, "
         "Tensor slots, Tensor block_tables, Tensor context_lens, int heads, int kv_heads, int intermediate, "
-        "float eps, float scale) -> Tensor");
+        "float eps, float scale, Tensor?[] lora_a, Tensor?[] lora_b, int[] lora_slots, Tensor?[] lora_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }
