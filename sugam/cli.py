@@ -1,4 +1,4 @@
-"""The `sugam` command: pull, models, run, chat, serve, perplexity, plan, quantize."""
+"""The `sugam` command: pull, models, run, chat, serve, perplexity, plan, quantize, finetune."""
 
 from __future__ import annotations
 
@@ -56,6 +56,27 @@ def _speculative(args: argparse.Namespace) -> Any:
     return SpeculativeConfig.parse(spec, args.num_speculative_tokens)
 
 
+def _add_lora_arg(p: argparse.ArgumentParser) -> None:
+    """run and chat: answer with one LoRA adapter."""
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="answer with a LoRA adapter: a PEFT folder or a llama.cpp GGUF LoRA file")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="refuse an adapter of a higher rank (default: accept the adapter's own rank)")
+
+
+def _add_serve_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter (PEFT folder or GGUF LoRA file) as model NAME; repeat for more; "
+                        "implies --enable-lora")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (none needed at start)")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters in one batch (default 4)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted (default 16)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   default=os.environ.get("SUGAM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true", "yes"),
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which load adapter files "
+                        "from this machine's disk (default: $SUGAM_ALLOW_RUNTIME_LORA_UPDATING, else off)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens to generate at most (default 1024)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
@@ -84,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt (use - to read it from standard input)")
     _add_sampling_args(p)
     _add_speculative_args(p)
+    _add_lora_arg(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)",
@@ -102,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before new requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
+    _add_serve_lora_args(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a model over a text file (a quality check)", epilog=EPILOG)
     _add_model_args(p)
@@ -128,7 +151,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     _add_speculative_args(p)
+    _add_lora_arg(p)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on your data (CPU or GPU; see docs/CUSTOMIZE.md)",
+                       epilog=EPILOG + " DATA is a .jsonl file of {\"messages\": [...]}, {\"prompt\", \"completion\"} "
+                       "or {\"text\"} lines, or a folder with train.jsonl and valid.jsonl.")
+    _add_finetune_args(p)
     return parser
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the base model (alias, .gguf, HF folder or hf:ORG/NAME)")
+    p.add_argument("data", help="training data: a .jsonl file or a folder with train.jsonl (+ valid.jsonl)")
+    p.add_argument("--output", "-o", required=True, help="folder for the adapter (PEFT format) and checkpoints")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (bf16 where native, else float32), bfloat16, float32")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "int8", "int4"],
+                   help="base weights in memory, as for `sugam run` (auto: a GGUF stays quantized on the CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; updates are scaled by alpha/r (default 16)")
+    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    g.add_argument("--target-modules", default="all",
+                   help="projections to adapt: all (default), attention, mlp, or a list like q,k,v,o,gate,up,down")
+    g = p.add_argument_group("training")
+    g.add_argument("--learning-rate", "--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"],
+                   help="decay after the warmup (default cosine)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 5%% of the steps, <= 100)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = none (default 1.0)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
+    g.add_argument("--iters", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch (default 1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="examples are cut to this many tokens (default 2048)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the data order, split, init and dropout (default 0)")
+    g.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="share of a single data file held out for validation (default 0.1)")
+    g.add_argument("--train-on-prompt", action="store_true", help="put the loss on prompt tokens too")
+    g.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep every layer's activations (faster, more memory)")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (0: end only)")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps into OUTPUT/checkpoint-N (0: none)")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in OUTPUT, or from the CHECKPOINT folder given")
+    g.add_argument("--overwrite", action="store_true", help="allow an OUTPUT that already holds a fine-tune")
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -144,13 +215,48 @@ def _load(args: argparse.Namespace) -> Any:
     from .llm import LLM
 
     start = time.perf_counter()
+    lora = _read_lora(args)  # before the model, so that a wrong path fails at once
+    rank = getattr(args, "max_lora_rank", None)
+    if rank is None:
+        rank = lora[1].max_rank if lora else 16
     # One conversation at a time: a KV pool of one context, not one sized for a server.
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=1,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-              speculative_config=_speculative(args))
-    print(f"[loaded {llm.model_path.name} in {time.perf_counter() - start:.1f} s: "
+              speculative_config=_speculative(args), enable_lora=lora is not None, max_loras=1,
+              max_lora_rank=rank)
+    with_lora = ""
+    if lora is not None:
+        request, adapter = lora
+        llm.engine.add_lora(request, adapter)  # checks it fits the model: LoRAError with the reason
+        with_lora = f", LoRA {request.lora_name} (rank {adapter.max_rank})"
+    print(f"[loaded {llm.model_path.name}{with_lora} in {time.perf_counter() - start:.1f} s: "
           f"{describe_path(llm.engine.runner.execution_path())}]", file=sys.stderr)
     return llm
+
+
+def _adapter_name(path: str) -> str:
+    """A LoRA adapter's default name: its folder's name, or its file's stem."""
+    from pathlib import Path
+
+    p = Path(path).expanduser().resolve()
+    if p.name in ("adapter_config.json", "adapter_model.safetensors"):
+        p = p.parent
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+def _read_lora(args: argparse.Namespace) -> Any:
+    """run / chat --lora PATH: (LoRARequest, LoRAAdapter), or None."""
+    if getattr(args, "lora", None) is None:  # not given, or a command without the option (perplexity)
+        return None
+    from .lora.adapter import LoRARequest, load_adapter
+
+    return LoRARequest(_adapter_name(args.lora), 1, args.lora), load_adapter(args.lora)
+
+
+def _lora_request(llm: Any) -> Any:
+    """The adapter run / chat loaded with --lora (at most one), or None."""
+    loras = llm.engine.list_loras()
+    return loras[0] if loras else None
 
 
 def _stream_answer(llm: Any, prompt_ids: list[int], params: Any) -> tuple[str, str]:
@@ -161,7 +267,7 @@ def _stream_answer(llm: Any, prompt_ids: list[int], params: Any) -> tuple[str, s
     spec = llm.engine.speculator
     drafted, accepted = (spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens) if spec else (0, 0)
     try:
-        for out in llm.stream_outputs(prompt_ids, params):
+        for out in llm.stream_outputs(prompt_ids, params, _lora_request(llm)):
             completion = out.outputs[0]
             if first is None:
                 first = time.perf_counter()
@@ -294,19 +400,65 @@ def cmd_serve(args: argparse.Namespace) -> None:
     path = resolve(args.model)  # fetch before serving, so that errors show here
     source = lookup_alias(args.model)
     name = args.served_model_name or (source.alias if source else path.stem if path.is_file() else path.name)
+    loras = _serve_loras(args, name, path)  # read and checked before serving, so that errors show here
+    enable_lora = args.enable_lora or bool(loras)
     engine_config = EngineConfig(max_model_len=args.max_model_len, kv_cache_memory=parse_size(args.kv_cache_memory),
                                  max_num_seqs=args.max_num_seqs, quantization=args.quantization,
                                  kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
-                                 speculative=_speculative(args))
+                                 speculative=_speculative(args), enable_lora=enable_lora, max_loras=args.max_loras,
+                                 max_lora_rank=args.max_lora_rank)
 
     def load() -> LLMEngine:
-        return load_engine(path, args.dtype, args.device, engine_config)
+        engine = load_engine(path, args.dtype, args.device, engine_config)
+        for request, adapter in loras:
+            engine.add_lora(request, adapter)
+        return engine
 
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_waiting=args.max_waiting,
-                          max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+                          max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                          model_path=str(path), allow_runtime_lora=args.allow_runtime_lora)
     print(f"sugam: serving {name} on http://{args.host}:{args.port}/v1 (loading; /health says when ready)",
           file=sys.stderr)
+    for request, adapter in loras:
+        print(f"sugam: LoRA adapter {request.lora_name} (rank {adapter.max_rank}) from {request.lora_path}",
+              file=sys.stderr)
+    if args.allow_runtime_lora and not enable_lora:
+        print("sugam: note: --allow-runtime-lora needs --enable-lora (or --lora) to load adapters", file=sys.stderr)
     uvicorn.run(create_app(config, load), host=args.host, port=args.port, log_level="warning")
+
+
+def _serve_loras(args: argparse.Namespace, base_name: str, model_path: Any) -> list[Any]:
+    """serve --lora NAME=PATH ...: [(LoRARequest, LoRAAdapter)] with ids 1, 2, ... in order, each
+    read and checked against the model's config (LoRAError naming the flag otherwise)."""
+    from pathlib import Path
+
+    from .loader import open_checkpoint
+    from .lora.adapter import LoRAError, LoRARequest, load_adapter
+
+    if args.max_loras < 1 or args.max_lora_rank < 1:
+        raise SugamError("--max-loras and --max-lora-rank must be at least 1")
+    if not args.lora:
+        return []
+    config = open_checkpoint(model_path).config  # the config and tokenizer only, not the weights
+    loras, names = [], set()
+    for lora_id, spec in enumerate(args.lora, 1):
+        name, sep, lora_path = spec.partition("=")
+        if not sep or Path(spec).expanduser().exists():  # a bare PATH: named after its folder or file
+            name, lora_path = _adapter_name(spec), spec
+        if not name or not lora_path:
+            raise SugamError(f"--lora {spec!r}: write NAME=PATH")
+        if name == base_name:
+            raise SugamError(f"--lora {spec}: {name!r} is the served model's name; give the adapter another")
+        if name in names:
+            raise SugamError(f"--lora {spec}: the name {name!r} is given twice")
+        names.add(name)
+        adapter = load_adapter(lora_path)
+        try:
+            adapter.validate(config, args.max_lora_rank)
+        except LoRAError as exc:
+            raise LoRAError(f"--lora {spec}: {exc}") from exc
+        loras.append((LoRARequest(name, lora_id, str(Path(lora_path).expanduser().resolve())), adapter))
+    return loras
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
@@ -359,7 +511,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
                       kv_int8))
 
 
-COMMANDS = {"quantize": cmd_quantize, "perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .lora.finetune import finetune, parse_target_modules
+
+    result = finetune(
+        args.model, args.data, args.output, device=args.device, dtype=args.dtype, quantization=args.quantization,
+        rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=parse_target_modules(args.target_modules),
+        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, epochs=args.epochs, iters=args.iters,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len, seed=args.seed,
+        valid_fraction=args.valid_fraction, train_on_prompt=args.train_on_prompt,
+        gradient_checkpointing=not args.no_gradient_checkpointing, eval_every=args.eval_every,
+        save_every=args.save_every, resume=args.resume, overwrite=args.overwrite)
+    print(result.summary())
+
+
+COMMANDS = {"quantize": cmd_quantize, "perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "finetune": cmd_finetune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from .engine.speculative import SpeculativeConfig
 from .errors import SugamError
 from .hardware import cpu_compute_dtype
 from .loader import open_checkpoint
-from .lora.adapter import LoRARequest
+from .lora.adapter import LoRAError, LoRARequest
 from .quant.policy import checkpoint_mode
 from .registry import DEFAULT_MODEL, apply_alias_defaults, resolve
 from .sampling_params import SamplingParams
@@ -130,6 +130,8 @@ class LLM:
         lora_list = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(batch)
         if len(lora_list) != len(batch):
             raise SugamError(f"{len(batch)} prompts but {len(lora_list)} LoRA requests")
+        for lora in lora_list:
+            self._load_lora(lora)
         from tqdm import tqdm
 
         show = use_tqdm if use_tqdm is not None else len(batch) > 1 and sys.stderr.isatty()
@@ -168,6 +170,7 @@ class LLM:
                        lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each time the request advances (`.outputs[0].delta_text` is new text).
         Closing the iterator early (or Ctrl-C) aborts the request and frees its KV blocks."""
+        self._load_lora(lora_request)
         seq = self.engine.add_request(prompt, params, lora_request=lora_request)
         try:
             while not seq.finished:
@@ -195,6 +198,19 @@ class LLM:
         """Token ids of a conversation rendered by the model's chat template."""
         return self.engine.tokenizer.apply_chat_template(  # type: ignore[return-value]
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools, **(kwargs or {}))
+
+
+    def _load_lora(self, request: LoRARequest | None) -> None:
+        """An adapter is loaded from its path the first time a request names it (as vLLM's LLM does)."""
+        if request is None:
+            return
+        engine = self.engine
+        loaded = engine.loras.get(request.lora_name) if engine.loras else None
+        if loaded is None:
+            engine.add_lora(request)
+        elif loaded.request.lora_path != request.lora_path:
+            raise LoRAError(f"an adapter named {request.lora_name!r} is already loaded from "
+                            f"{loaded.request.lora_path}, not {request.lora_path}")
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

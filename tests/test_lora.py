@@ -209,3 +209,27 @@ def test_unloading_lets_running_requests_finish(tmp_path, tiny_models):
         engine.step()
     assert seq.output_token_ids == expected
     assert engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])   # 40: above the kernel's row limit, PyTorch's GEMMs
+def test_native_lora_update_equals_the_pytorch_ops(dtype, rows):
+    from sugam import native
+    from sugam.layers.lora import apply_lora
+
+    if not native.available():
+        pytest.skip("sugam's native kernels do not run here")
+    gen = torch.Generator().manual_seed(rows)
+    slots, max_rank, parts, inp, out = 3, 8, 3, 96, 80
+    a = torch.randn(slots, max_rank * parts, inp, generator=gen).to(dtype)
+    bt = torch.randn(slots, max_rank * parts, out, generator=gen).to(dtype)
+    x = torch.randn(rows, inp, generator=gen).to(dtype)
+    y = torch.randn(rows, out, generator=gen).to(dtype)
+    half = torch.arange(0, rows, 2)
+    groups = [(2, None, 8)] if rows == 1 else [(0, half, 3), (2, torch.arange(1, rows, 2), 8)]
+    expected = apply_lora(x.float(), y.float().clone(), a.float(), bt.float(), groups, parts)
+    got = y.clone()
+    native.lora_add(got, x, a, bt, groups, max_rank)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
+    assert not torch.equal(got, y)

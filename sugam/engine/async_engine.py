@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from ..sampling_params import SamplingParams
 from .llm_engine import EngineStats, LLMEngine
 from .sequence import RequestOutput
+
+if TYPE_CHECKING:
+    from ..lora.adapter import LoRARequest
 
 
 class AsyncLLMEngine:
@@ -24,10 +28,12 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield outputs as the request advances; the last one has `finished=True`.
-        Leaving the loop early (or being cancelled, e.g. a client disconnect) aborts the request."""
-        seq = self.engine.create_sequence(prompt, params, request_id)
+        Leaving the loop early (or being cancelled, e.g. a client disconnect) aborts the request.
+        `lora_request`: the LoRA adapter to generate with (None: the base model)."""
+        seq = self.engine.create_sequence(prompt, params, request_id, lora_request)
         if seq.request_id in self._queues:
             raise ValueError(f"request id {seq.request_id!r} is already running")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()

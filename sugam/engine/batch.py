@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..layers.attention import AttentionMetadata
+from ..layers.lora import LoRAGroup
 from .scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class BatchEntry:
     num_logits: int
     rows_as_decodes: bool = False
     lora_slot: int | None = None     # the LoRA slot its rows use (None: the base model)
+    lora_rank: int = 0               # that adapter's rank
 
 
 @dataclass
@@ -41,8 +43,8 @@ class ForwardBatch:
     attention: AttentionMetadata       # slots, per-sequence lengths and block tables
     logits_indices: torch.Tensor       # [rows wanted] long, in entry order
     num_logits: list[int]              # per entry: how many of logits_indices are its rows
-    # LoRA: (slot, row indices) per adapter of the step, rows None when one adapter has all rows.
-    lora_groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    # LoRA: (slot, row indices, rank) per adapter of the step, rows None when one adapter has all rows.
+    lora_groups: list[LoRAGroup] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -54,10 +56,11 @@ class ForwardBatch:
         positions: list[int] = []
         slots: list[int] = []
         query_lens, context_lens, tables, logit_rows = [], [], [], []
-        lora_rows: dict[int, list[int]] = {}
+        lora_rows: dict[tuple[int, int], list[int]] = {}
         for entry in entries:
             if entry.lora_slot is not None:
-                lora_rows.setdefault(entry.lora_slot, []).extend(range(len(token_ids), len(token_ids) + len(entry.token_ids)))
+                rows = lora_rows.setdefault((entry.lora_slot, entry.lora_rank), [])
+                rows.extend(range(len(token_ids), len(token_ids) + len(entry.token_ids)))
             start, n, table = entry.start, len(entry.token_ids), entry.block_table
             token_ids.extend(entry.token_ids)
             for pos in range(start, start + n):
@@ -75,8 +78,8 @@ class ForwardBatch:
             logit_rows.extend(range(len(token_ids) - entry.num_logits, len(token_ids)))
         meta = AttentionMetadata.build(torch.tensor(slots, dtype=torch.long, device=device),
                                        query_lens, context_lens, tables)
-        lora_groups = [(slot, None if len(rows) == len(token_ids) else torch.tensor(rows, dtype=torch.long, device=device))
-                       for slot, rows in lora_rows.items()]
+        lora_groups = [(slot, None if len(rows) == len(token_ids) else torch.tensor(rows, dtype=torch.long, device=device),
+                        rank) for (slot, rank), rows in lora_rows.items()]
         return cls(torch.tensor(token_ids, dtype=torch.long, device=device),
                    torch.tensor(positions, dtype=torch.long, device=device), meta,
                    torch.tensor(logit_rows, dtype=torch.long, device=device),
@@ -88,5 +91,6 @@ class ForwardBatch:
         """`lora_slots`: where each adapter of the step sits (LoRAManager.activate)."""
         return cls.build([BatchEntry(s.token_ids(), s.start, s.seq.block_table, s.num_logits,
                                      rows_as_decodes=bool(s.draft_token_ids) and s.num_new_tokens == 1,
-                                     lora_slot=lora_slots[s.seq.lora] if lora_slots and s.seq.lora else None)
+                                     lora_slot=lora_slots[s.seq.lora] if lora_slots and s.seq.lora else None,
+                                     lora_rank=s.seq.lora.adapter.max_rank if s.seq.lora else 0)
                           for s in output.scheduled], block_size, device)

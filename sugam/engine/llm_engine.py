@@ -164,7 +164,7 @@ class LLMEngine:
     def create_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                         request_id: str | None = None, lora_request: LoRARequest | None = None) -> Sequence:
         """Validate and tokenize a request without queueing it (the async engine queues it later).
-        `lora_request`: the adapter to use; one not loaded yet is loaded from its path first."""
+        `lora_request`: the adapter to use, by name (loaded with add_lora before)."""
         lora = self._lora_for(lora_request) if lora_request is not None else None
         params = (params or SamplingParams()).with_defaults(self.generation_defaults)
         if isinstance(prompt, str):
@@ -210,17 +210,7 @@ class LLMEngine:
             raise LoRAError("LoRA adapters are off: start with --lora / --enable-lora (LLM(enable_lora=True))")
         loaded = self.loras.get(request.lora_name)
         if loaded is None:
-            try:
-                loaded = self.loras.add(request)
-            except LoRAError as exc:
-                if "already loaded" not in str(exc):
-                    raise
-                loaded = self.loras.get(request.lora_name)  # another thread loaded it meanwhile
-                if loaded is None:
-                    raise
-        elif loaded.request.lora_path != request.lora_path and request.lora_path:
-            raise LoRAError(f"an adapter named {request.lora_name!r} is already loaded from "
-                            f"{loaded.request.lora_path}, not {request.lora_path}")
+            raise LoRAError(f"no LoRA adapter named {request.lora_name!r} is loaded")
         return loaded
 
     def abort_request(self, request_id: str) -> bool:

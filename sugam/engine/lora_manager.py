@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers.lora import LoRABatch, LoRAProjection, install_lora
+from ..layers.lora import LoRABatch, LoRAGroup, LoRAProjection, install_lora
 from ..lora.adapter import LoRAAdapter, LoRAError, LoRARequest, load_adapter
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class LoRAManager:
             slots[lora] = slot
         return slots
 
-    def set_batch(self, groups: list[tuple[int, torch.Tensor | None]]) -> None:
+    def set_batch(self, groups: list[LoRAGroup]) -> None:
         self.batch.groups = groups
 
     def _fill(self, slot: int, lora: LoadedLoRA) -> None:

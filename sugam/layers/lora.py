@@ -1,14 +1,17 @@
 """Many LoRA adapters over one copy of the base weights, in the same batch.
 
 Each projection group of a layer (q|k|v, o, gate|up, down) is wrapped by a `LoRAProjection` that
-holds `max_loras` adapter slots: A stacked as [slots, parts * max_rank, in] and B (already scaled)
-as [slots, out, parts * max_rank], zero where an adapter has a smaller rank or skips a module. A
-step's rows are grouped by slot (`LoRABatch`, shared by every wrapper of the model); per group the
-update is two small matmuls (shrink to the rank, expand to the outputs) added onto the unchanged,
-possibly quantized, base product. Rows of the base model belong to no group and cost nothing.
+holds `max_loras` adapter slots: A stacked as [slots, max_rank * parts, in] and B transposed and
+already scaled as Bt [slots, max_rank * parts, out]. Columns are rank-major (column k * parts + p
+is rank k of part p, e.g. of q, k or v), so an adapter of rank r uses only the first r * parts of
+them; a module an adapter skips stays zero. A step's rows are grouped by slot (`LoRABatch`, shared
+by every wrapper of the model); per group the update is a shrink to the rank and an expand to the
+outputs, added onto the unchanged, possibly quantized, base product. Rows of the base model
+belong to no group and cost nothing.
 
-The native decoder (models/native_decode.py) reads the same slots and groups and applies the same
-operations in the same order, so both paths give identical results.
+On a CPU with sugam's kernels the update is one native call (sugam/native/lora.cpp), which the
+native decoder (models/native_decode.py) makes too, so both paths give identical results;
+elsewhere it is two PyTorch matmuls per group.
 """
 
 from __future__ import annotations
@@ -18,20 +21,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import native
+
+# One adapter of a step: (slot, row indices or None for all rows, the adapter's rank)
+LoRAGroup = tuple[int, "torch.Tensor | None", int]
+
 
 @dataclass
 class LoRABatch:
-    """Which rows of this step use which slot: (slot, row indices), rows None meaning all rows."""
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    """Which rows of this step use which slot, shared by every LoRAProjection of a model."""
+    groups: list[LoRAGroup] = field(default_factory=list)
+    native: bool = False        # the update runs as sugam/native/lora.cpp
 
 
-def apply_lora(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
-    """y [rows, out] += B_slot (A_slot x) for each group's rows (in place). decoder.cpp's add_lora
-    does exactly this."""
-    for slot, rows in groups:
+def apply_lora(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
+               groups: list[LoRAGroup], parts: int) -> torch.Tensor:
+    """y [rows, out] += (x A_slot^T) Bt_slot for each group's rows, in place (PyTorch ops)."""
+    for slot, rows, rank in groups:
         xs = x if rows is None else x.index_select(0, rows)
-        delta = torch.matmul(torch.matmul(xs, lora_a[slot].t()), lora_b[slot].t())
+        width = rank * parts
+        delta = torch.matmul(torch.matmul(xs, lora_a[slot, :width].t()), lora_bt[slot, :width])
         if rows is None:
             y.add_(delta)
         else:
@@ -51,9 +60,10 @@ class LoRAProjection(nn.Module):
         self.out_sizes = out_sizes
         self.max_rank = max_rank
         self.batch = batch
-        width = len(modules) * max_rank
+        self.parts = len(modules)
+        width = self.parts * max_rank
         self.register_buffer("lora_a", torch.zeros(max_loras, width, in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(max_loras, sum(out_sizes), width, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(max_loras, width, sum(out_sizes), dtype=dtype, device=device))
 
     @torch.no_grad()
     def set_slot(self, slot: int, updates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -64,15 +74,19 @@ class LoRAProjection(nn.Module):
         for part, (module, out) in enumerate(zip(self.modules_names, self.out_sizes)):
             if module in updates:
                 a, b = updates[module]
-                r, col = a.shape[0], part * self.max_rank
-                self.lora_a[slot, col:col + r].copy_(a)
-                self.lora_b[slot, out_start:out_start + out, col:col + r].copy_(b)
+                r = a.shape[0]
+                self.lora_a[slot, part:r * self.parts:self.parts].copy_(a)
+                self.lora_b[slot, part:r * self.parts:self.parts, out_start:out_start + out].copy_(b.t())
             out_start += out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.batch.groups:
-            y = apply_lora(x, y, self.lora_a, self.lora_b, self.batch.groups)
+        groups = self.batch.groups
+        if groups:
+            if self.batch.native:
+                native.lora_add(y, x, self.lora_a, self.lora_b, groups, self.max_rank)
+            else:
+                y = apply_lora(x, y, self.lora_a, self.lora_b, groups, self.parts)
         return y
 
 
@@ -96,7 +110,7 @@ def install_lora(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAB
     h, f = cfg.hidden_size, cfg.intermediate_size
     shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
               "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
-    batch = LoRABatch()
+    batch = LoRABatch(native=device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and native.available())
     wrappers: list[list[LoRAProjection]] = []
     for layer in model.model.layers:
         per_layer = []

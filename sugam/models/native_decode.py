@@ -55,12 +55,13 @@ class NativeDecoder:
         self.matrices, self.qtypes, self.biases, self.norms = [], [], [], []
         self.lora_a, self.lora_b = [], []
         self.lora_batch = None   # LoRA slots (layers/lora.py): the step's groups are read from it
+        self.lora_max_rank = 1
         for layer in model.model.layers:
             wrappers = _lora_wrappers(layer)
             if wrappers is not None:
                 self.lora_a += [w.lora_a for w in wrappers]
                 self.lora_b += [w.lora_b for w in wrappers]
-                self.lora_batch = wrappers[0].batch
+                self.lora_batch, self.lora_max_rank = wrappers[0].batch, wrappers[0].max_rank
             for m in _layer_matrices(layer):
                 self.matrices.append(None if m is None else m.packed)
                 self.qtypes.append(0 if m is None else native.ggml_type_id(m.qtype))
@@ -102,4 +103,5 @@ class NativeDecoder:
             [c.key_scales for c in kv_caches], [c.value_scales for c in kv_caches],
             meta.slot_mapping, meta.decode_tables, meta.decode_lens,
             self.heads, self.kv_heads, self.intermediate, self.eps, self.scale,
-            self.lora_a, self.lora_b, self.lora_batch.groups if self.lora_batch is not None else None)
+            self.lora_a, self.lora_b, self.lora_batch.groups if self.lora_batch is not None else None,
+            self.lora_max_rank)

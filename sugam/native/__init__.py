@@ -44,8 +44,9 @@ _GGML_IDS = {t.name: t.value for t in GGMLQuantizationType}
 _DIR = Path(__file__).parent
 _AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 _AVX2_FLAGS = ("avx2", "fma", "f16c")
-_AVX512_SOURCES = ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp", "layers.cpp", "decoder.cpp")
-_PORTABLE_SOURCES = ("portable/ops.cpp", "decoder.cpp")
+_AVX512_SOURCES = ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp", "layers.cpp", "lora.cpp",
+                   "decoder.cpp")
+_PORTABLE_SOURCES = ("portable/ops.cpp", "lora.cpp", "decoder.cpp")
 ISAS = ("avx512", "avx2", "neon", "scalar")
 
 
@@ -198,11 +199,19 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, matrice
                   biases: list, norms: list, k_caches: list, v_caches: list, k_scales: list, v_scales: list,
                   slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, heads: int,
                   kv_heads: int, intermediate: int, eps: float, scale: float, lora_a: list | None = None,
-                  lora_b: list | None = None, lora_groups: list | None = None) -> torch.Tensor:
+                  lora_b: list | None = None, lora_groups: list | None = None, lora_max_rank: int = 1) -> torch.Tensor:
     """Every decoder layer for one new token per sequence (the lists as models/native_decode.py builds them).
-    LoRA: per layer the stacked A and B of its 4 groups, and the step's (slot, rows) groups."""
+    LoRA: per layer the stacked A and Bt of its 4 groups, and the step's (slot, rows, rank) groups."""
     groups = lora_groups or []
     return torch.ops.sugam_cpu.decode_layers(x, cos, sin, matrices, qtypes, biases, norms, k_caches, v_caches,
                                              k_scales, v_scales, slots, block_tables, context_lens, heads,
                                              kv_heads, intermediate, eps, scale, lora_a or [], lora_b or [],
-                                             [slot for slot, _ in groups], [rows for _, rows in groups])
+                                             [g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups],
+                                             lora_max_rank)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor, groups: list,
+             max_rank: int) -> None:
+    """y += the LoRA updates of x for each (slot, rows, rank) group, in place (sugam/native/lora.cpp)."""
+    torch.ops.sugam_cpu.lora_add(y, x, lora_a, lora_bt, [g[0] for g in groups], [g[1] for g in groups],
+                                 [g[2] for g in groups], max_rank)

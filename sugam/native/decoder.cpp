@@ -23,27 +23,23 @@ enum Norm : int64_t { INPUT, POST, Q_NORM, K_NORM, NORMS };
 // A layer's LoRA slots (layers/lora.py), in the order of the `lora_a` / `lora_b` lists.
 enum LoRAGroup : int64_t { LORA_QKV, LORA_O, LORA_GATE_UP, LORA_DOWN, LORA_GROUPS };
 
-// The step's LoRA adapters: per layer and group the stacked A [slots, width, in] and scaled B
-// [slots, out, width]; per adapter of the step its slot and its rows (None: all rows).
+// The step's LoRA adapters: per layer and group the stacked A [slots, width, in] and Bt
+// [slots, width, out] (layers/lora.py); per adapter of the step its slot, rows (None: all) and rank.
 struct LoRA {
   const c10::List<c10::optional<at::Tensor>>& a;
-  const c10::List<c10::optional<at::Tensor>>& b;
+  const c10::List<c10::optional<at::Tensor>>& bt;
   at::IntArrayRef slots;
   const c10::List<c10::optional<at::Tensor>>& rows;
+  at::IntArrayRef ranks;
+  int64_t max_rank;
 };
 
-// y += B_slot (A_slot x) for each adapter's rows: layers/lora.py apply_lora, op for op.
+// y += the adapters' updates of x (layers/lora.py LoRAProjection.forward: the same call).
 at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const LoRA& lora, int64_t index) {
   if (lora.slots.empty()) return y;
-  const c10::optional<at::Tensor> a = lora.a.get(index), b = lora.b.get(index);
-  TORCH_CHECK(a.has_value() && b.has_value(), "sugam decode_layers: LoRA group ", index, " lacks its slots");
-  for (size_t g = 0; g < lora.slots.size(); ++g) {
-    const c10::optional<at::Tensor> rows = lora.rows.get(g);
-    const at::Tensor xs = rows.has_value() ? x.index_select(0, *rows) : x;
-    const at::Tensor delta = at::matmul(at::matmul(xs, a->select(0, lora.slots[g]).t()), b->select(0, lora.slots[g]).t());
-    if (rows.has_value()) y.index_add_(0, *rows, delta);
-    else y.add_(delta);
-  }
+  const c10::optional<at::Tensor> a = lora.a.get(index), bt = lora.bt.get(index);
+  TORCH_CHECK(a.has_value() && bt.has_value(), "sugam decode_layers: LoRA group ", index, " lacks its slots");
+  sugam::lora_add(y, x, *a, *bt, lora.slots, lora.rows, lora.ranks, lora.max_rank);
   return y;
 }
 
@@ -130,7 +126,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
                          const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t heads, int64_t kv_heads,
                          int64_t intermediate, double eps, double scale,
                          const c10::List<c10::optional<at::Tensor>>& lora_a, const c10::List<c10::optional<at::Tensor>>& lora_b,
-                         at::IntArrayRef lora_slots, const c10::List<c10::optional<at::Tensor>>& lora_rows) {
+                         at::IntArrayRef lora_slots, const c10::List<c10::optional<at::Tensor>>& lora_rows,
+                         at::IntArrayRef lora_ranks, int64_t lora_max_rank) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat) && x_in.is_contiguous(),
               "sugam decode_layers: x must be contiguous bf16 or fp32 [tokens, hidden]");
@@ -143,9 +140,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
   const Shapes s{heads, kv_heads, k_caches[0].size(3), x_in.size(1), intermediate, eps, scale};
   TORCH_CHECK(lora_slots.empty() || (static_cast<int64_t>(lora_a.size()) == layers * LORA_GROUPS &&
                                      static_cast<int64_t>(lora_b.size()) == layers * LORA_GROUPS &&
-                                     lora_rows.size() == lora_slots.size()),
+                                     lora_rows.size() == lora_slots.size() && lora_ranks.size() == lora_slots.size()),
               "sugam decode_layers: per layer ", LORA_GROUPS, " LoRA groups, and rows for each slot");
-  const LoRA lora{lora_a, lora_b, lora_slots, lora_rows};
+  const LoRA lora{lora_a, lora_b, lora_slots, lora_rows, lora_ranks, lora_max_rank};
   at::Tensor x = x_in;
   for (int64_t l = 0; l < layers; ++l)
     x = layer(x, l, cos, sin, matrices, qtypes, biases, norms, k_caches[l], v_caches[l], k_scales.get(l), v_scales.get(l),
@@ -157,7 +154,7 @@ TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor?[] matrices, int[] qtypes, Tensor?[] biases, "
         "Tensor?[] norms, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor?[] k_scales, Tensor?[] v_scales, "
         "Tensor slots, Tensor block_tables, Tensor context_lens, int heads, int kv_heads, int intermediate, "
-        "float eps, float scale, Tensor?[] lora_a, Tensor?[] lora_b, int[] lora_slots, Tensor?[] lora_rows) -> Tensor");
+        "float eps, float scale, Tensor?[] lora_a, Tensor?[] lora_b, int[] lora_slots, Tensor?[] lora_rows, int[] lora_ranks, int lora_max_rank) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }

@@ -1,6 +1,6 @@
 """The server's assembly: config, engine loading and readiness, capacity, middleware (body limit,
 auth, request counting), /health, /metrics and the error handlers; the API routes live in their
-own modules (openai.py) over the chat layer (chat.py).
+own modules (openai.py; lora.py: loading adapters at runtime) over the chat layer (chat.py).
 
 Every error a client can cause is answered in OpenAI's error shape with a 4xx; a request that
 ends early for any reason (disconnect, timeout, error) is aborted so its KV blocks return at once.
@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
 from ..engine.runner import describe_path
-from . import openai
+from ..lora.adapter import LoRARequest
+from . import lora, openai
 from .chat import Chat
 from .errors import REQUEST_ERRORS, APIError, error_response
 from .metrics import ServerMetrics
@@ -44,6 +45,10 @@ class ServerConfig:
     # render is bounded by the template limits (sugam/chat_template.py), so a slow one holds one
     # worker for at most a few seconds; two keep a second request moving meanwhile.
     prompt_workers: int = 2
+    model_path: str | None = None        # what /v1/models reports as the base model's root
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING):
+    # they read adapter files from the server's disk at a client's word, so they are off by default.
+    allow_runtime_lora: bool = False
 
 
 class BodyLimitMiddleware:
@@ -83,6 +88,7 @@ class Server:
         self.load_error: str | None = None
         self._load_engine = load_engine
         self.chat = Chat(self.metrics, workers=config.prompt_workers, request_timeout=config.request_timeout)
+        self._last_lora_id = 0
 
     def start_templates(self) -> None:
         seconds = self.chat.start()
@@ -114,10 +120,26 @@ class Server:
                            headers={"Retry-After": "5"})
         return self.engine
 
-    def check_model(self, name: str | None) -> None:
-        if name and name != self.config.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.config.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names, or None for the base model (its name, or none
+        given); any other name is a 404."""
+        if not name or name == self.config.model_name:
+            return None
+        loras = self.engine.engine.loras if self.engine is not None else None
+        loaded = loras.get(name) if loras is not None else None
+        if loaded is not None:
+            return loaded.request
+        adapters = sorted(lora.name for lora in loras.list()) if loras is not None else []
+        also = f" and the LoRA adapters {', '.join(map(repr, adapters))}" if adapters else ""
+        raise APIError(404, f"model {name!r} does not exist; this server serves {self.config.model_name!r}{also}",
+                       param="model", code="model_not_found")
+
+    def next_lora_id(self) -> int:
+        """An id for an adapter loaded at runtime: after those loaded at start (1, 2, ...) and
+        every id given before (called on the event loop, so never twice the same)."""
+        ids = [r.lora_int_id for r in self.engine.engine.list_loras()] if self.engine is not None else []
+        self._last_lora_id = max([self._last_lora_id, *ids]) + 1
+        return self._last_lora_id
 
     def check_capacity(self, engine: AsyncLLMEngine, sequences: int) -> None:
         queued = engine.num_queued()
@@ -192,7 +214,12 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = server.engine.stats() if server.engine is not None else None
+        if server.engine is not None and server.engine.engine.loras is not None:
+            engine = server.engine.engine
+            counts = engine.scheduler.counts()
+            server.metrics.set_lora_info(counts.running_loras, counts.waiting_loras, engine.config.max_loras)
         return Response(server.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     app.include_router(openai.router(server))
+    app.include_router(lora.router(server))
     return app

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.sequence import CompletionOutput, RequestOutput
+from ..lora.adapter import LoRARequest
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from .metrics import ServerMetrics
@@ -100,14 +101,15 @@ def samples(prompt: list[int], params: SamplingParams, n: int) -> list[Job]:
     return [(prompt, replace(params, seed=params.seed + i)) for i in range(n)]
 
 
-def prepare(engine: AsyncLLMEngine, prompts: list[list[int]], options: SamplingOptions) -> list[Job]:
+def prepare(engine: AsyncLLMEngine, prompts: list[list[int]], options: SamplingOptions,
+            lora: LoRARequest | None = None) -> list[Job]:
     """The jobs for options.n samples of each prompt, prompt-major. SamplingParams and the engine
-    validate them here (InvalidRequestError, PromptTooLongError), so that a bad request fails
-    before a stream has sent its headers, not halfway through it."""
+    validate them here (InvalidRequestError, PromptTooLongError, LoRAError), so that a bad request
+    fails before a stream has sent its headers, not halfway through it."""
     params = options.sampling_params()
     for ids in prompts:
-        # What generate() will check (ids, length, grammar); the sequence is discarded.
-        engine.engine.create_sequence(ids, params, request_id="check")
+        # What generate() will check (ids, length, grammar, adapter); the sequence is discarded.
+        engine.engine.create_sequence(ids, params, request_id="check", lora_request=lora)
     return [job for ids in prompts for job in samples(ids, params, options.n)]
 
 
@@ -167,11 +169,12 @@ class Chat:
         text = await self.templates.render(source, variables, tokenizer.template_limits)
         return Prompt(text, await self.off_loop(lambda: tokenizer.encode(text, add_special_tokens=False)))
 
-    async def run(self, engine: AsyncLLMEngine, jobs: list[Job], is_disconnected: Callable[[], Awaitable[bool]]
-                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run the jobs concurrently; yield (job index, output) as they advance. Ends quietly when
-        the client disconnects, raises GenerationTimeout past the time limit; either way, and on
-        leaving early, every job is aborted so its KV blocks return at once."""
+    async def run(self, engine: AsyncLLMEngine, jobs: list[Job], is_disconnected: Callable[[], Awaitable[bool]],
+                  lora: LoRARequest | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run the jobs concurrently (with the LoRA adapter `lora`, if given); yield (job index,
+        output) as they advance. Ends quietly when the client disconnects, raises GenerationTimeout
+        past the time limit; either way, and on leaving early, every job is aborted so its KV
+        blocks return at once."""
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
         base_id = uuid.uuid4().hex
         timings = [Timing(self.metrics) for _ in jobs]
@@ -179,7 +182,7 @@ class Chat:
         async def one(index: int) -> None:
             prompt, sp = jobs[index]
             try:
-                async for out in engine.generate(prompt, sp, request_id=f"{base_id}-{index}"):
+                async for out in engine.generate(prompt, sp, request_id=f"{base_id}-{index}", lora_request=lora):
                     queue.put_nowait((index, out))
             except BaseException as exc:
                 queue.put_nowait(exc)
@@ -216,11 +219,11 @@ class Chat:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def collect(self, engine: AsyncLLMEngine, jobs: list[Job], is_disconnected: Callable[[], Awaitable[bool]]
-                      ) -> dict[int, CompletionOutput]:
+    async def collect(self, engine: AsyncLLMEngine, jobs: list[Job], is_disconnected: Callable[[], Awaitable[bool]],
+                      lora: LoRARequest | None = None) -> dict[int, CompletionOutput]:
         """Each job's final output by job index; raises ClientGone if the client left first."""
         finals: dict[int, CompletionOutput] = {}
-        async for index, out in self.run(engine, jobs, is_disconnected):
+        async for index, out in self.run(engine, jobs, is_disconnected, lora):
             if out.finished:
                 finals[index] = out.outputs[0]
         if len(finals) < len(jobs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -40,6 +41,19 @@ class ServerMetrics:
             ("num_emitted_tokens", "Tokens produced by verification steps (accepted + the model's own)"))}
         self.execution = Info("sugam_execution", "The path chosen at load: CPU, kernels, weights, compute dtype",
                               registry=r)
+        self.lora_info: Gauge | None = None  # registered when the engine serves LoRA adapters
+
+    def set_lora_info(self, running: tuple[str, ...], waiting: tuple[str, ...], max_lora: int) -> None:
+        """vLLM's `vllm:lora_requests_info`, which LoRA-aware routers read: the adapters of running and
+        waiting requests (comma-separated) and the slots, as labels; the value is when it was set. One
+        series at a time (vLLM keeps the old ones; a reader takes the newest either way)."""
+        if self.lora_info is None:
+            self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests",
+                                   ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                                   registry=self.registry)
+        self.lora_info.clear()
+        self.lora_info.labels(max_lora=str(max_lora), waiting_lora_adapters=",".join(waiting),
+                              running_lora_adapters=",".join(running)).set(time.time())
 
     def set_execution_path(self, path: dict[str, Any]) -> None:
         labels = {k: str(v) for k, v in path.items() if k != "weights"}

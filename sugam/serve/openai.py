@@ -1,5 +1,6 @@
 """The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models over the chat layer, with
-OpenAI's response, chunk, logprobs and usage shapes and SSE framing."""
+OpenAI's response, chunk, logprobs and usage shapes and SSE framing. A request's `model` picks the
+base model or one of the LoRA adapters /v1/models lists (vLLM's convention)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from ..chat_template import RESERVED_TEMPLATE_VARIABLES
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.sequence import Logprob
+from ..lora.adapter import LoRARequest
 from ..tokenizer import Tokenizer
 from .chat import GenerationTimeout, Job, ReplyFormat, SamplingOptions, prepare, tool_call_schema, without_reasoning
 from .errors import APIError, api_error, error_body
@@ -32,16 +34,23 @@ def router(server: Server) -> APIRouter:
 
     @routes.get("/v1/models")
     async def models() -> dict[str, Any]:
-        model: dict[str, Any] = {"id": server.config.model_name, "object": "model", "created": 0,
-                                 "owned_by": "sugam"}
+        base_name = server.config.model_name
+        model: dict[str, Any] = {"id": base_name, "object": "model", "created": 0, "owned_by": "sugam",
+                                 "root": server.config.model_path or base_name, "parent": None}
+        data = [model]
         if server.engine is not None:  # the path chosen at load: CPU, kernels, weight formats, compute dtype
+            model["max_model_len"] = server.engine.engine.max_model_len
             model["sugam_execution"] = server.engine.engine.runner.execution_path()
-        return {"object": "list", "data": [model]}
+            # LoRA adapters in vLLM's shape: each its own model, with the base as its parent.
+            for lora in sorted(server.engine.engine.list_loras(), key=lambda r: r.lora_int_id):
+                data.append({"id": lora.lora_name, "object": "model", "created": 0, "owned_by": "sugam",
+                             "root": lora.lora_path, "parent": base_name})
+        return {"object": "list", "data": data}
 
     @routes.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         engine = server.ready_engine()
-        server.check_model(req.model)
+        lora = server.check_model(req.model)
         tokenizer = engine.engine.tokenizer
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
@@ -59,19 +68,19 @@ def router(server: Server) -> APIRouter:
         top = req.top_logprobs or 0
         max_tokens = req.max_completion_tokens or req.max_tokens
         options = _options(req, max_tokens, top if req.logprobs else None, schema, req.max_thinking_tokens)
-        jobs = prepare(engine, [prompt.token_ids], options)
+        jobs = prepare(engine, [prompt.token_ids], options, lora)
         _check_room(engine, len(prompt.token_ids), max_tokens)
         server.check_capacity(engine, len(jobs))
         fmt = ReplyFormat(prompt.opens_thinking, template_tools is not None, forced_call)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "chat.completion", "created": created, "model": server.config.model_name}
+        base = {"id": rid, "object": "chat.completion", "created": created, "model": _model_name(server, lora)}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 _stream_chat(server, engine, request, len(prompt.token_ids), jobs, base, fmt, req.logprobs, top,
-                             include_usage),
+                             include_usage, lora),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        finals = await server.chat.collect(engine, jobs, request.is_disconnected)
+        finals = await server.chat.collect(engine, jobs, request.is_disconnected, lora)
         choices, completion_tokens = [], 0
         for index, out in sorted(finals.items()):
             completion_tokens += len(out.token_ids)
@@ -93,7 +102,7 @@ def router(server: Server) -> APIRouter:
     @routes.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         engine = server.ready_engine()
-        server.check_model(req.model)
+        lora = server.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         tokenizer = engine.engine.tokenizer
@@ -108,18 +117,18 @@ def router(server: Server) -> APIRouter:
                                                       for p in prompts])
         options = _options(req, req.max_tokens, req.logprobs, _response_schema(req.response_format))
         # Choice index = prompt index * n + sample index, as OpenAI numbers them.
-        jobs = prepare(engine, encoded, options)
+        jobs = prepare(engine, encoded, options, lora)
         for ids in encoded:
             _check_room(engine, len(ids), req.max_tokens)
         server.check_capacity(engine, len(jobs))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": server.config.model_name}
+        base = {"id": rid, "object": "text_completion", "created": created, "model": _model_name(server, lora)}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream_completion(server, engine, request, jobs, req, base, include_usage),
+                _stream_completion(server, engine, request, jobs, req, base, include_usage, lora),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        finals = await server.chat.collect(engine, jobs, request.is_disconnected)
+        finals = await server.chat.collect(engine, jobs, request.is_disconnected, lora)
         choices, completion_tokens = [], 0
         for index, out in sorted(finals.items()):
             prefix = tokenizer.decode(jobs[index][0]) if req.echo else ""
@@ -209,6 +218,11 @@ def _options(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | N
         max_thinking_tokens=max_thinking_tokens, n=req.n)
 
 
+def _model_name(server: Server, lora: LoRARequest | None) -> str:
+    """The model a response names: the adapter the request picked, else the base."""
+    return lora.lora_name if lora is not None else server.config.model_name
+
+
 def _check_room(engine: AsyncLLMEngine, prompt_len: int, max_tokens: int | None) -> None:
     # The engine would stop at the end of the context; OpenAI's API refuses such a request instead.
     context = engine.engine.max_model_len
@@ -263,8 +277,8 @@ def _sse_error(exc: Exception) -> str:
 
 
 async def _stream_chat(server: Server, engine: AsyncLLMEngine, request: Request, prompt_tokens: int, jobs: list[Job],
-                       base: dict[str, Any], fmt: ReplyFormat, logprobs: bool, top: int, include_usage: bool
-                       ) -> AsyncIterator[str]:
+                       base: dict[str, Any], fmt: ReplyFormat, logprobs: bool, top: int, include_usage: bool,
+                       lora: LoRARequest | None = None) -> AsyncIterator[str]:
     n = len(jobs)
     chunk = {**base, "object": "chat.completion.chunk"}
     replies = [fmt.stream() for _ in range(n)]
@@ -279,7 +293,7 @@ async def _stream_chat(server: Server, engine: AsyncLLMEngine, request: Request,
     for i in range(n):
         yield delta_chunk(i, {"role": "assistant", "content": ""})
     try:
-        async for index, out in server.chat.run(engine, jobs, request.is_disconnected):
+        async for index, out in server.chat.run(engine, jobs, request.is_disconnected, lora):
             completion = out.outputs[0]
             piece = replies[index].feed(completion.delta_text, out.finished)
             delta: dict[str, Any] = {}
@@ -311,7 +325,8 @@ async def _stream_chat(server: Server, engine: AsyncLLMEngine, request: Request,
 
 
 async def _stream_completion(server: Server, engine: AsyncLLMEngine, request: Request, jobs: list[Job],
-                             req: CompletionRequest, base: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+                             req: CompletionRequest, base: dict[str, Any], include_usage: bool,
+                             lora: LoRARequest | None = None) -> AsyncIterator[str]:
     tokenizer: Tokenizer = engine.engine.tokenizer
     seen: dict[int, int] = {}
     offsets: dict[int, int] = {}
@@ -323,7 +338,7 @@ async def _stream_completion(server: Server, engine: AsyncLLMEngine, request: Re
                 offsets[index] = len(text)
                 yield _sse({**base, "choices": [{"index": index, "text": text, "logprobs": None,
                                                   "finish_reason": None}]})
-        async for index, out in server.chat.run(engine, jobs, request.is_disconnected):
+        async for index, out in server.chat.run(engine, jobs, request.is_disconnected, lora):
             completion = out.outputs[0]
             start = seen.get(index, 0)
             new_tokens = completion.token_ids[start:]

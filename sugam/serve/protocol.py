@@ -109,3 +109,15 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+
+
+class LoadLoRAAdapterRequest(_Lenient):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Lenient):
+    """POST /v1/unload_lora_adapter (vLLM's body; its lora_int_id is accepted and not needed)."""
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
