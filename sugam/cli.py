@@ -1,4 +1,4 @@
-"""The `sugam` command: pull, models, run, chat, serve, perplexity, plan, quantize, finetune."""
+"""The `sugam` command: pull, models, run, chat, serve, perplexity, plan, quantize, finetune, export."""
 
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before new requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
+    p.add_argument("--no-webui", action="store_true", help="no chat page at / (it then answers only the Ollama probe)")
     _add_serve_lora_args(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a model over a text file (a quality check)", epilog=EPILOG)
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="an HF folder or hf:ORG/NAME (safetensors)")
     p.add_argument("output", help="folder to write (config, tokenizer and model.safetensors)")
     p.add_argument("--quantization", default="int4", choices=["int8", "int4"], help="weight format (default int4)")
+
+    p = sub.add_parser("export", help="write a LoRA adapter in llama.cpp's GGUF LoRA format")
+    p.add_argument("adapter", help="a PEFT adapter folder (sugam finetune's output, or peft's)")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the .gguf file to write")
+    p.add_argument("--model", help="its base model (alias, .gguf, HF folder; default: the adapter's base_model_name_or_path)")
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit; Ctrl-C stops an answer)",
                        epilog=EPILOG)
@@ -416,7 +422,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-                          model_path=str(path), allow_runtime_lora=args.allow_runtime_lora)
+                          model_path=str(path), allow_runtime_lora=args.allow_runtime_lora,
+                          webui=not args.no_webui)
     print(f"sugam: serving {name} on http://{args.host}:{args.port}/v1 (loading; /health says when ready)",
           file=sys.stderr)
     for request, adapter in loras:
@@ -491,6 +498,25 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - start:.1f} s; run it with: sugam run {args.output} \"PROMPT\"")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .loader import open_checkpoint
+    from .lora.adapter import load_peft, save_gguf_lora
+    from .registry import resolve
+
+    adapter = load_peft(Path(args.adapter))
+    base = args.model or adapter.base_model
+    if not base:
+        raise SugamError("the adapter does not name its base model; give it with --model")
+    config = open_checkpoint(resolve(base)).config
+    adapter.validate(config)
+    save_gguf_lora(adapter, Path(args.gguf), config)
+    print(f"wrote {args.gguf} ({Path(args.gguf).stat().st_size / 1e6:.1f} MB, rank {adapter.max_rank}, "
+          f"{len(adapter.weights)} matrices, for {config.architecture}); serve it with: "
+          f"sugam serve {base} --lora NAME={args.gguf}")
+
+
 def _known_plan_names() -> list[str]:
     from .plan import KNOWN
     return list(KNOWN)
@@ -526,7 +552,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
-COMMANDS = {"quantize": cmd_quantize, "perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "finetune": cmd_finetune}
+COMMANDS = {"quantize": cmd_quantize, "perplexity": cmd_perplexity, "plan": cmd_plan, "pull": cmd_pull, "models": cmd_models, "run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "finetune": cmd_finetune, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

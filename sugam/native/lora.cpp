@@ -18,6 +18,7 @@
 #include "kernels.h"
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -25,6 +26,7 @@ namespace {
 
 constexpr int64_t KERNEL_MAX_ROWS = 16;  // above: PyTorch's GEMM (its setup cost is then repaid)
 constexpr int64_t LANES = 16;
+constexpr int64_t PARALLEL_MACS = 1 << 16;   // multiply-adds worth a thread of their own
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) {
@@ -39,7 +41,8 @@ inline float to_f32(c10::BFloat16 v) {
 // t[j] = sum_i a[j, i] x[i] for j < width, with LANES partial sums (vectorizable without reassociation).
 template <typename T>
 void shrink(const T* x, const T* a, float* t, int64_t in, int64_t width) {
-  at::parallel_for(0, width, 8, [&](int64_t j0, int64_t j1) {
+  // threads only where there is work for them: a fork-join costs microseconds, a rank-8 shrink less
+  at::parallel_for(0, width, std::max<int64_t>(1, PARALLEL_MACS / in), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const T* row = a + j * in;
       float acc[LANES] = {};
@@ -57,7 +60,7 @@ void shrink(const T* x, const T* a, float* t, int64_t in, int64_t width) {
 // y[o] = y[o] + sum_j t[j] bt[j, o], rounded once to y's type.
 template <typename T>
 void expand(const float* t, const T* bt, T* y, int64_t width, int64_t out) {
-  at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, out, std::max<int64_t>(256, PARALLEL_MACS / width), [&](int64_t o0, int64_t o1) {
     std::vector<float> acc(o1 - o0, 0.0f);
     for (int64_t j = 0; j < width; ++j) {
       const float tj = t[j];
