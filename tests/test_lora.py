@@ -233,3 +233,20 @@ def test_native_lora_update_equals_the_pytorch_ops(dtype, rows):
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
     assert not torch.equal(got, y)
+
+
+def test_export_command_writes_a_gguf_adapter_that_serves_the_same(tmp_path, tiny_models):
+    from sugam.cli import main
+
+    folder, model = tiny_models["qwen2"]
+    make_peft_adapter(model, tmp_path / "peft", seed=8)
+    assert main(["export", str(tmp_path / "peft"), "--gguf", str(tmp_path / "a.gguf"), "--model", str(folder)]) == 0
+    llm = LLM(str(folder), dtype="float32", enable_lora=True)
+    (a, b), _ = greedy(llm, [PROMPT, PROMPT], 8, [LoRARequest("peft", 1, str(tmp_path / "peft")),
+                                                  LoRARequest("gguf", 2, str(tmp_path / "a.gguf"))])
+    assert a == b
+    # an adapter that does not name its base needs --model
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["export", str(tmp_path / "peft"), "--gguf", str(tmp_path / "b.gguf")]) == 1
