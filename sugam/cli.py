@@ -25,6 +25,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_quantization_arg(p)
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor parallelism (docs/DISTRIBUTED.md)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split every layer over N processes on this machine (gloo on CPUs, NCCL on CUDA); "
+                        "under torchrun (python -m sugam.serve) the group's size")
+    g.add_argument("--cpus-per-rank", type=int, default=None, metavar="K",
+                   help="CPU threads per rank, each rank pinned to its own CPUs (default: an equal share)")
+    g.add_argument("--distributed-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long a rank may be waited for before the server gives up (503, exit 1)")
+
+
 def _add_quantization_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--quantization", default=default, choices=["auto", "none", "gguf", "int8", "int4"],
                    help="weights in memory: auto (a GGUF keeps its precision on CPU in bf16; else dense), "
@@ -126,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
     p.add_argument("--no-webui", action="store_true", help="no chat page at / (it then answers only the Ollama probe)")
     _add_serve_lora_args(p)
+    _add_parallel_args(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a model over a text file (a quality check)", epilog=EPILOG)
     _add_model_args(p)
@@ -140,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model's, 8192))")
     p.add_argument("--concurrency", type=int, default=1, help="sequences held at once (default 1)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"], help="KV cache storage (default bf16)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split over N devices: --memory is then per device")
 
     p = sub.add_parser("quantize", help="write an HF model's weights as int8/int4, in a folder that loads fast",
                        epilog=EPILOG)
@@ -412,7 +426,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  max_num_seqs=args.max_num_seqs, quantization=args.quantization,
                                  kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                                  speculative=_speculative(args), enable_lora=enable_lora, max_loras=args.max_loras,
-                                 max_lora_rank=args.max_lora_rank)
+                                 max_lora_rank=args.max_lora_rank, tensor_parallel_size=args.tensor_parallel_size,
+                                 cpus_per_rank=args.cpus_per_rank, distributed_timeout=args.distributed_timeout)
+    if args.tensor_parallel_size < 1:
+        raise SugamError("--tensor-parallel-size must be at least 1")
 
     def load() -> LLMEngine:
         engine = load_engine(path, args.dtype, args.device, engine_config)
@@ -533,8 +550,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if context <= 0 or args.concurrency <= 0:
         raise SugamError("--context and --concurrency must be positive")
     kv_int8 = args.kv_cache_dtype == "int8"
-    print(format_plan(shape, plan(shape, context, args.concurrency, memory, kv_int8), context, args.concurrency,
-                      kv_int8))
+    tp = args.tensor_parallel_size
+    print(format_plan(shape, plan(shape, context, args.concurrency, memory, kv_int8, tp), context, args.concurrency,
+                      kv_int8, tp))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from .distributed.parallel import TensorParallel
     from .evaluate import PerplexityResult
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -75,7 +76,39 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
     draft = None
     if config.speculative is not None and config.speculative.model:
         draft = open_checkpoint(resolve(config.speculative.model, download=download))
-    return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config, draft)
+    tp = None
+    if config.tensor_parallel_size > 1:
+        tp = _tensor_parallel_group(path, dtype, dev, config)
+    try:
+        return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config, draft, tp)
+    except BaseException:
+        if tp is not None:
+            tp.shutdown()
+        raise
+
+
+def _tensor_parallel_group(path: Path, dtype: str | torch.dtype, device: torch.device,
+                           config: EngineConfig) -> TensorParallel:
+    """Rank 0 of a tensor-parallel group: joined to torchrun's when this process was started by it,
+    else with worker processes started here."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from .distributed.parallel import fingerprint
+    from .distributed.worker import start_group, started_group, torchrun_group
+
+    if dist.is_initialized() and started_group() is None:  # torchrun's group (python -m sugam.serve)
+        tp = torchrun_group()
+        if tp is None or tp.world_size != config.tensor_parallel_size or tp.rank != 0:
+            raise SugamError(f"--tensor-parallel-size {config.tensor_parallel_size} but this process is rank "
+                             f"{dist.get_rank()} of {dist.get_world_size()}")
+        tp.check_same_model(fingerprint(path))
+    else:
+        tp = start_group(config.tensor_parallel_size, path, dtype, device, config.quantization,
+                         config.cpus_per_rank, config.distributed_timeout)
+    atexit.register(tp.shutdown)
+    return tp
 
 
 class LLM:
@@ -92,7 +125,8 @@ class LLM:
                  max_num_batched_tokens: int = 2048, block_size: int = 16, enable_prefix_caching: bool = True,
                  quantization: str = "auto", kv_cache_dtype: str = "auto", download: bool = True,
                  speculative_config: dict[str, Any] | SpeculativeConfig | None = None,
-                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16):
+                 enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
+                 tensor_parallel_size: int = 1, cpus_per_rank: int | None = None):
         """`enable_lora`: serve LoRA adapters (pass `lora_request=LoRARequest(name, id, path)` to
         generate / chat / stream; up to `max_loras` adapters in one batch, ranks up to `max_lora_rank`)."""
         self.model_path = resolve(model, download=download)
@@ -102,7 +136,8 @@ class LLM:
                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                          enable_prefix_caching=enable_prefix_caching, quantization=quantization,
                          kv_cache_dtype=kv_cache_dtype, enable_lora=enable_lora, max_loras=max_loras,
-                         max_lora_rank=max_lora_rank,
+                         max_lora_rank=max_lora_rank, tensor_parallel_size=tensor_parallel_size,
+                         cpus_per_rank=cpus_per_rank,
                          speculative=speculative_config if isinstance(speculative_config, SpeculativeConfig)
                          else SpeculativeConfig.parse(speculative_config)),
             download=download)

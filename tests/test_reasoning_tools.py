@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sugam import LLM, SamplingParams
+from sugam.serve.chat import ReplyFormat
 from sugam.serve.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
-from sugam.serve.tools import ToolCallParser, extract_tool_calls
+from sugam.serve.tools import ToolCallParser, extract_bare_call, extract_tool_calls
 
 CASES = [
     # (output, template pre-opened <think>, reasoning, content)
@@ -56,6 +57,37 @@ def test_tool_calls_at_every_cut():
         assert got.strip() == "Sure." and [c["function"]["name"] for c in found] == ["f", "g"]
     # malformed calls stay text
     assert extract_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+BARE = [  # (answer, whether it is a call of the offered tool "get_weather")
+    ('```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```', True),
+    (' {"name": "get_weather", "arguments": {"city": "Paris"}}\n', True),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', True),
+    ('{"name": "delete_all", "arguments": {}}', False),                      # not an offered tool
+    ('Sure: {"name": "get_weather", "arguments": {}}', False),                # text around it
+    ('{"name": "get_weather", "arguments": {}} and then', False),
+    ('```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}', False),  # the fence never closes
+    ('```python\nprint({"name": "get_weather"})\n```', False),
+    ('{"city": "Paris"', False),
+]
+
+
+@pytest.mark.parametrize("answer,is_call", BARE)
+def test_bare_json_calls_at_every_cut(answer, is_call):
+    """A small model's call without the tags: the whole answer one JSON call of an offered tool."""
+    names = frozenset({"get_weather"})
+    content, calls = extract_bare_call(answer, names)
+    assert (content, bool(calls)) == (("", True) if is_call else (answer, False))
+    if is_call:
+        assert calls[0]["function"]["name"] == "get_weather" and '"Paris"' in calls[0]["function"]["arguments"]
+    fmt = ReplyFormat(tools=True, tool_names=names)
+    for cut in range(len(answer) + 1):
+        stream = fmt.stream()
+        pieces = [stream.feed(answer[:cut]), stream.feed(answer[cut:], finished=True)]
+        content, got = "".join(p.content for p in pieces), [c for p in pieces for c in p.tool_calls]
+        assert (content, len(got)) == (("", 1) if is_call else (answer, 0)), cut
+    assert len(fmt.split(answer).tool_calls) == is_call
+    assert not ReplyFormat(tools=True).split(answer).tool_calls  # only where the route offers the names
 
 
 def test_thinking_budget_closes_the_thought(tiny_models):

@@ -26,6 +26,8 @@ class AsyncLLMEngine:
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        # Held while a step runs, and by embed(): the model runs one forward at a time.
+        self._forward_lock = asyncio.Lock()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, lora_request: LoRARequest | None = None
@@ -58,6 +60,12 @@ class AsyncLLMEngine:
         self.engine.scheduler.request_abort(request_id)
         self._ensure_loop()
 
+    async def embed(self, token_ids: list[int]) -> list[float]:
+        """LLMEngine.embed between two steps (in a worker thread): running requests pause for one
+        prefill's time and keep their KV blocks."""
+        async with self._forward_lock:
+            return await asyncio.to_thread(self.engine.embed, token_ids)
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
@@ -83,7 +91,8 @@ class AsyncLLMEngine:
             self._wake.clear()
             while True:
                 try:
-                    outputs = await asyncio.to_thread(self.engine.step)
+                    async with self._forward_lock:
+                        outputs = await asyncio.to_thread(self.engine.step)
                 except Exception as exc:  # fail the requests in flight, keep serving new ones
                     for request_id, queue in list(self._queues.items()):
                         queue.put_nowait(exc)

@@ -8,6 +8,7 @@ one; `evaluate.perplexity` builds one for each window of a text.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,6 +46,15 @@ class ForwardBatch:
     num_logits: list[int]              # per entry: how many of logits_indices are its rows
     # LoRA: (slot, row indices, rank) per adapter of the step, rows None when one adapter has all rows.
     lora_groups: list[LoRAGroup] = field(default_factory=list)
+    entries: list[BatchEntry] = field(default_factory=list)   # what it was built from
+
+    def message(self) -> dict:
+        """The batch as JSON-able data (tensor parallelism sends it to the other ranks)."""
+        return {"entries": [dataclasses.asdict(e) for e in self.entries]}
+
+    @classmethod
+    def from_message(cls, message: dict, block_size: int, device: torch.device) -> ForwardBatch:
+        return cls.build([BatchEntry(**e) for e in message["entries"]], block_size, device)
 
     @property
     def num_tokens(self) -> int:
@@ -83,7 +93,7 @@ class ForwardBatch:
         return cls(torch.tensor(token_ids, dtype=torch.long, device=device),
                    torch.tensor(positions, dtype=torch.long, device=device), meta,
                    torch.tensor(logit_rows, dtype=torch.long, device=device),
-                   [e.num_logits for e in entries], lora_groups)
+                   [e.num_logits for e in entries], lora_groups, list(entries))
 
     @classmethod
     def from_schedule(cls, output: SchedulerOutput, block_size: int, device: torch.device,

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed.parallel import TensorParallel
 from ..errors import PromptTooLongError, SugamError
 from ..loader.base import LoadedCheckpoint
 from ..lora.adapter import LoRAAdapter, LoRAError, LoRARequest
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..tokenizer import Tokenizer
-from .batch import ForwardBatch
+from .batch import BatchEntry, ForwardBatch
 from .block_manager import BlockManager
 from .lora_manager import LoadedLoRA, LoRAManager
 from .output_processor import OutputProcessor
@@ -39,6 +40,10 @@ from .speculative import (
 from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
+
+
+class KVPoolBusyError(SugamError):
+    """The KV pool has no room right now for work outside the scheduler (an embedding); retry shortly."""
 
 
 @dataclass
@@ -82,6 +87,9 @@ class EngineConfig:
     enable_lora: bool = False               # serve LoRA adapters (docs/CUSTOMIZE.md)
     max_loras: int = 4                      # adapters in one batch (= LoRA slots in memory)
     max_lora_rank: int = 16                 # the largest adapter rank accepted
+    tensor_parallel_size: int = 1           # ranks each layer is split over (docs/DISTRIBUTED.md)
+    cpus_per_rank: int | None = None        # CPU threads per rank (default: an equal share)
+    distributed_timeout: float = 60.0       # seconds a collective may wait for a rank before failing
 
 
 def available_memory(device: torch.device) -> int:
@@ -102,15 +110,20 @@ def available_memory(device: torch.device) -> int:
 
 class LLMEngine:
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                 config: EngineConfig | None = None, draft_checkpoint: LoadedCheckpoint | None = None):
-        """`draft_checkpoint`: the draft model, when config.speculative asks for one."""
+                 config: EngineConfig | None = None, draft_checkpoint: LoadedCheckpoint | None = None,
+                 tp: TensorParallel | None = None):
+        """`draft_checkpoint`: the draft model, when config.speculative asks for one. `tp`: rank 0 of
+        a tensor-parallel group (distributed/worker.py starts one)."""
         self.config = config or EngineConfig()
+        self.tp = tp
+        if tp is not None and (self.config.enable_lora or draft_checkpoint is not None):
+            raise SugamError("LoRA adapters and draft models do not run with --tensor-parallel-size > 1 yet")
         self.model_config = checkpoint.config
         self.device = device
         self.tokenizer = Tokenizer(checkpoint.tokenizer)
         self.generation_defaults = checkpoint.generation
         self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
-        self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization)
+        self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization, tp=tp)
         self.loras: LoRAManager | None = None
         if self.config.enable_lora:
             self.loras = self.runner.enable_lora(self.config.max_loras, self.config.max_lora_rank)
@@ -212,6 +225,39 @@ class LLMEngine:
         if loaded is None:
             raise LoRAError(f"no LoRA adapter named {request.lora_name!r} is loaded")
         return loaded
+
+    # ---- embeddings ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int]) -> list[float]:
+        """The final hidden states of `token_ids` (after the model's last norm), mean-pooled over the
+        tokens and L2-normalised; the base model's, without LoRA. A prefill in chunks of
+        max_num_batched_tokens into KV blocks borrowed from the free pool and given back at once:
+        no request's blocks, no prefix cache entry, no sampling. Not thread-safe against step():
+        call it between steps (AsyncLLMEngine.embed does). Raises InvalidRequestError,
+        PromptTooLongError, or KVPoolBusyError when the free blocks do not hold the input now."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise InvalidRequestError("the input is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {self.model_config.vocab_size})")
+        if len(ids) > self.max_model_len:
+            raise PromptTooLongError(f"the input has {len(ids)} tokens but the context holds {self.max_model_len}")
+        bm, runner = self.block_manager, self.runner
+        need = -(-len(ids) // bm.block_size)
+        if need > bm.num_free_blocks:
+            raise KVPoolBusyError(f"the KV cache has no room for {len(ids)} tokens now; retry shortly")
+        table = bm.take_blocks(need)
+        try:
+            total = torch.zeros(self.model_config.hidden_size, dtype=torch.float32, device=self.device)
+            step = self.config.max_num_batched_tokens
+            for start in range(0, len(ids), step):
+                batch = ForwardBatch.build([BatchEntry(ids[start:start + step], start, table, 0)], bm.block_size,
+                                           self.device)
+                total += runner.forward(batch).float().sum(dim=0)  # no LoRA groups: the base model
+        finally:
+            bm.release_blocks(table)
+        return torch.nn.functional.normalize(total / len(ids), dim=0).tolist()
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and give its KV blocks back (call it from the engine's thread; other

@@ -17,6 +17,8 @@ from torch import nn
 
 from .. import native as native_kernels
 from ..config import ModelConfig
+from ..distributed.parallel import BATCH, KV_CACHE, STOP, TensorParallel, split_layers
+from ..distributed.sharding import ShardPlan, channel_unit
 from ..hardware import cpu_model, native_bf16
 from ..layers.attention import KVCache
 from ..loader.base import LoadedCheckpoint
@@ -39,21 +41,33 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool = False)
 
 class ModelRunner:
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                 quantization: str = "auto"):
+                 quantization: str = "auto", tp: TensorParallel | None = None):
+        """`tp`: this process's place in a tensor-parallel group; the runner then holds this rank's
+        share of every layer (distributed/sharding.py) and rank 0 sends each step to the others."""
         self.config = checkpoint.config
         self.device, self.dtype = device, dtype
+        self.tp = tp
         self.quantization = checkpoint_mode(quantization, checkpoint.info, device.type)
+        shard = None
+        self.local_config = self.config     # this rank's heads and channels (all of them without tp)
+        if tp is not None:
+            shard = ShardPlan.build(self.config, tp.rank, tp.world_size, channel_unit(checkpoint))
+            self.local_config = shard.local_config(self.config)
         with torch.device("meta"):
-            model = model_class(self.config.architecture)(self.config).to(dtype)
+            model = model_class(self.config.architecture)(self.local_config).to(dtype)
         # Parameters get real, uninitialised storage in the final dtype, then the checkpoint fills
         # them. Storage never written (a matrix that arrives quantized) is never touched, so it
         # costs no memory before the quantized module replaces it.
         model = model.to_empty(device=device)
         model.rotary.init_frequencies(device)
         packed_kernels = self.quantization == "gguf" and device.type == "cpu" and native_kernels.available()
-        model.load_weights(checkpoint.iter_weights(
-            weight_chooser(self.quantization, self.config.tie_word_embeddings, packed_kernels)))
+        chooser = weight_chooser(self.quantization, self.config.tie_word_embeddings, packed_kernels)
+        model.load_weights(checkpoint.iter_weights(chooser, shard=shard) if shard else checkpoint.iter_weights(chooser))
         model.fuse_projections()
+        if tp is not None:
+            split_layers(model, tp)
+            if not tp.is_driver and hasattr(model, "lm_head"):
+                del model.lm_head       # only rank 0 computes logits
         if device.type == "cpu":
             gather_quantized_weights(model, QuantizedLinear)
         self.native_decoder = NativeDecoder.build(model)
@@ -93,7 +107,9 @@ class ModelRunner:
         return path
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, int8: bool = False) -> None:
-        cfg = self.config
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.send(KV_CACHE, {"num_blocks": num_blocks, "block_size": block_size, "int8": int8})
+        cfg = self.local_config
         self.block_size = block_size
         self.kv_caches = [KVCache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
                                   self.dtype, self.device, int8)
@@ -108,6 +124,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [tokens, hidden] of a batch (its K/V written to the cache)."""
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.send(BATCH, batch.message())
         if self.lora is not None:
             self.lora.set_batch(batch.lora_groups)
         decoder = self.native_decoder
@@ -116,6 +134,18 @@ class ModelRunner:
         if decoder is not None:
             self.native_decoder_steps += 1
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attention, decoder)
+
+    def follow(self) -> None:
+        """A tensor-parallel rank other than 0: run the steps rank 0 sends until it says stop."""
+        assert self.tp is not None and not self.tp.is_driver
+        while True:
+            kind, payload = self.tp.receive()
+            if kind == STOP:
+                return
+            if kind == KV_CACHE:
+                self.allocate_kv_cache(payload["num_blocks"], payload["block_size"], payload["int8"])
+            elif kind == BATCH:
+                self.forward(ForwardBatch.from_message(payload, self.block_size, self.device))
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -413,7 +413,10 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
     eos += [control[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in control and control[t] not in eos]
     config.eos_token_ids = eos
 
-    def iter_weights(choose: WeightChooser | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    def iter_weights(choose: WeightChooser | None = None, shard: Any = None
+                     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """`shard`: a tensor-parallel ShardPlan (distributed/sharding.py): each matrix is cut to
+        this rank's share before it is converted, so the rank keeps the file's blocks."""
         for name, tensor in tensors.items():
             target = hf_name(name)
             if target is None:
@@ -422,6 +425,12 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
                 heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
                 rows = unpermute_rows(tensor.raw.reshape(tensor.shape[0], -1), heads)  # biases too
                 tensor = GGUFTensor(tensor.name, tensor.qtype, tensor.shape, rows.reshape(tensor.raw.shape))
+            if shard is not None:
+                part = shard.shard_gguf(target, tensor)
+                if isinstance(part, torch.Tensor):  # a cut inside blocks: float values
+                    yield target, part
+                    continue
+                tensor = part
             fmt = choose(target, tensor.shape, tensor.qtype.name) if choose else None
             if fmt is None:
                 yield target, tensor.dequantize()
@@ -439,7 +448,7 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
     return LoadedCheckpoint(path=path, config=config, tokenizer=spec,
                             generation=GenerationDefaults(eos_token_ids=eos),
                             iter_weights=iter_weights, info={"format": "gguf", "tensor_types": types,
-                                                             "name": meta.get("general.name")})
+                                                             "name": meta.get("general.name"), "gguf_file": gguf})
 
 
 def _tokenizer_spec(path: Path, meta: dict[str, Any], vocab_size: int) -> TokenizerSpec:

@@ -122,13 +122,19 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
             generation.repetition_penalty = gen["repetition_penalty"]
     config.eos_token_ids = generation.eos_token_ids
 
-    def iter_weights(choose: WeightChooser | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    def iter_weights(choose: WeightChooser | None = None, shard: Any = None
+                     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """`shard`: a tensor-parallel ShardPlan (distributed/sharding.py): each tensor is cut to this
+        rank's share before it is quantized."""
         from safetensors import SafetensorError, safe_open
 
         for file in files:
             try:
                 with safe_open(str(file), framework="pt") as f:
                     meta = f.metadata() or {}
+                    if meta.get(METADATA_KEY) and shard is not None:
+                        raise ModelFormatError(f"{file}: a `sugam quantize` folder cannot be split over ranks; "
+                                               "use the original checkpoint with --tensor-parallel-size")
                     if meta.get(METADATA_KEY):  # written by `sugam quantize`: parts -> quantized weights
                         check_layout(meta, file)
                         pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -147,6 +153,8 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
                         continue
                     for name in f.keys():
                         tensor = f.get_tensor(name)
+                        if shard is not None:
+                            tensor = shard.shard_dense(name, tensor)
                         fmt = choose(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")) if choose else None
                         yield name, tensor if fmt is None else quantize(tensor, fmt)
             except (OSError, SafetensorError) as exc:

@@ -1,8 +1,9 @@
 """The server's assembly: config, engine loading and readiness, capacity, middleware (body limit,
 auth, request counting), /health, /metrics and the error handlers; the API routes live in their
-own modules (openai.py; lora.py: loading adapters at runtime) over the chat layer (chat.py).
+own modules (openai.py; ollama.py: the Ollama API under /api/; lora.py: loading adapters at runtime;
+webui.py: the chat page at /) over the chat layer (chat.py).
 
-Every error a client can cause is answered in OpenAI's error shape with a 4xx; a request that
+Every error a client can cause is answered with a 4xx, in OpenAI's error shape (Ollama's under /api/); a request that
 ends early for any reason (disconnect, timeout, error) is aborted so its KV blocks return at once.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import sys
 import threading
@@ -18,16 +20,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
 from ..engine.runner import describe_path
 from ..lora.adapter import LoRARequest
-from . import lora, openai
+from . import lora, ollama, openai, webui
 from .chat import Chat
-from .errors import REQUEST_ERRORS, APIError, error_response
+from .errors import REQUEST_ERRORS, APIError, error_response_for, ollama_path
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class ServerConfig:
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING):
     # they read adapter files from the server's disk at a client's word, so they are off by default.
     allow_runtime_lora: bool = False
+    webui: bool = True                   # the chat page at / (sugam/serve/webui.py); off: / is only the Ollama probe
 
 
 class BodyLimitMiddleware:
@@ -60,7 +65,8 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = error_response(APIError(413, f"request body exceeds {self.limit} bytes", code="body_too_large"))
+        too_big = error_response_for(scope.get("path", ""), APIError(413, f"request body exceeds {self.limit} bytes",
+                                                                     code="body_too_large"))
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 return await too_big(scope, receive, send)
@@ -83,9 +89,10 @@ class Server:
 
     def __init__(self, config: ServerConfig, load_engine: Callable[[], LLMEngine]):
         self.config = config
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(config.model_name)
         self.engine: AsyncLLMEngine | None = None
         self.load_error: str | None = None
+        self.fatal_error: str | None = None
         self._load_engine = load_engine
         self.chat = Chat(self.metrics, workers=config.prompt_workers, request_timeout=config.request_timeout)
         self._last_lora_id = 0
@@ -98,6 +105,8 @@ class Server:
         def load() -> None:
             try:
                 engine = self._load_engine()
+                if engine.tp is not None:
+                    engine.tp.on_failure(self.fail)
                 self.engine = AsyncLLMEngine(engine)
                 path = engine.runner.execution_path()
                 self.metrics.set_execution_path(path)
@@ -112,7 +121,16 @@ class Server:
     def close(self) -> None:
         self.chat.close()
 
+    def fail(self, reason: str, exit_after: float = 1.0) -> None:
+        """The engine cannot go on (a tensor-parallel rank died or hung): answer 503 from now on and
+        exit non-zero shortly, so that a supervisor (systemd, Kubernetes) starts a fresh server."""
+        self.fatal_error = reason
+        print(f"sugam: fatal: {reason}; answering 503 and exiting", file=sys.stderr, flush=True)
+        threading.Timer(exit_after, os._exit, args=(1,)).start()
+
     def ready_engine(self) -> AsyncLLMEngine:
+        if self.fatal_error:
+            raise APIError(503, f"the server is stopping: {self.fatal_error}", "server_error")
         if self.engine is None:
             if self.load_error:
                 raise APIError(503, f"the model failed to load: {self.load_error}", "server_error")
@@ -166,7 +184,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
     # One answer for what a request can raise: HTTP-layer APIErrors, the engine's and the
     # templates' refusals (SugamError: 400 with their message), timeouts and disconnects.
     async def request_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+        return error_response_for(request.url.path, exc)
 
     for kind in REQUEST_ERRORS:
         app.add_exception_handler(kind, request_error)
@@ -181,31 +199,41 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": ")
         else:
             message = f"{field or 'body'}: {first.get('msg', 'invalid value')}"
-        return error_response(APIError(400, message, param=field))
+        return error_response_for(request.url.path, APIError(400, message, param=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if ollama_path(request.url.path):  # e.g. an unknown /api/ route or a wrong method: Ollama's shape
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next: Callable) -> Response:
         path = request.url.path
-        if path.startswith("/v1/"):
+        if path.startswith(("/v1/", "/api/")):
             if config.api_key is not None:
                 header = request.headers.get("authorization", "")
                 given = header[7:] if header.lower().startswith("bearer ") else ""
                 if not secrets.compare_digest(given.encode(), config.api_key.encode()):
-                    response: Response = error_response(APIError(
+                    response: Response = error_response_for(path, APIError(
                         401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
                         code="invalid_api_key"))
                     server.metrics.requests.labels(path, "401").inc()
                     return response
+            if ollama_path(path):
+                ollama.read_body_as_json(request.scope)
             try:
                 response = await call_next(request)
             except APIError as exc:  # raised while reading the body (size limit)
-                response = error_response(exc)
+                response = error_response_for(path, exc)
             server.metrics.requests.labels(path, str(response.status_code)).inc()
             return response
         return await call_next(request)
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if server.fatal_error:
+            return JSONResponse({"status": "error", "detail": server.fatal_error}, status_code=503)
         if server.engine is not None:
             return JSONResponse({"status": "ok", "model": config.model_name})
         status = "error" if server.load_error else "loading"
@@ -221,5 +249,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
         return Response(server.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     app.include_router(openai.router(server))
+    app.include_router(ollama.router(server))
     app.include_router(lora.router(server))
+    app.include_router(webui.router(server))
     return app

@@ -20,7 +20,7 @@ from ..tokenizer import Tokenizer
 from .metrics import ServerMetrics
 from .reasoning import CLOSE, ReasoningParser, prompt_opens_thinking, split_reasoning
 from .templates import TemplateRenderer
-from .tools import ToolCallParser, extract_tool_calls, parse_call
+from .tools import BareCallParser, ToolCallParser, extract_bare_call, extract_tool_calls, parse_call
 
 T = TypeVar("T")
 Job = tuple[list[int], SamplingParams]  # one sample to generate: prompt token ids and its params
@@ -255,6 +255,9 @@ class ReplyFormat:
     opens_thinking: bool = False  # the prompt opened <think>; the output only closes it
     tools: bool = False           # <tool_call>...</tool_call> in the content are calls
     forced_call: bool = False     # the whole content is one call (tool_call_schema made it so)
+    # With tools: an answer that is only a JSON call of one of these tools, bare or in a ```json
+    # fence (as small models write it, without the tags), is that call too.
+    tool_names: frozenset[str] = frozenset()
 
     def split(self, text: str) -> Reply:
         reasoning, content = split_reasoning(text, self.opens_thinking)
@@ -263,6 +266,8 @@ class ReplyFormat:
             calls, content = _forced_calls(content), ""
         elif self.tools:
             content, calls = extract_tool_calls(content)
+            if not calls and self.tool_names:
+                content, calls = extract_bare_call(content, self.tool_names)
         return Reply(reasoning, content, calls)
 
     def stream(self) -> ReplyStream:
@@ -276,6 +281,7 @@ class ReplyStream:
         self.fmt = fmt
         self._reasoning = ReasoningParser(fmt.opens_thinking)
         self._tools = ToolCallParser()
+        self._bare = BareCallParser(fmt.tool_names) if fmt.tools and fmt.tool_names else None
         self._forced_text = ""  # with a forced call the whole output is one call, parsed at the end
 
     def feed(self, delta: str, finished: bool = False) -> Reply:
@@ -293,4 +299,12 @@ class ReplyStream:
             content, calls = self._tools.feed(content)
             if finished:
                 content += self._tools.finish()
+            if self._bare is not None:
+                if self._tools.calls:  # a tagged call: the answer is not one bare call
+                    content, self._bare = self._bare.release() + content, None
+                else:
+                    content = self._bare.feed(content)
+                    if finished:
+                        rest, calls = self._bare.finish()
+                        content += rest
         return Reply(reasoning, content, calls)

@@ -1,4 +1,5 @@
-"""HTTP errors in OpenAI's error shape, and the one mapping from what a request can raise to them."""
+"""HTTP errors in OpenAI's error shape (Ollama's, `{"error": "..."}`, under /api/), and the one mapping
+from what a request can raise to them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..chat_template import ChatTemplateError, TemplateLimitError
-from ..errors import PromptTooLongError, SugamError
+from ..distributed.parallel import DistributedFailure
+from ..engine.llm_engine import KVPoolBusyError
+from ..errors import DownloadError, PromptTooLongError, SugamError
 from .chat import ClientGone, GenerationTimeout
 
 
@@ -40,6 +43,12 @@ def api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param="messages", code="chat_template_limit")
     if isinstance(exc, ChatTemplateError):
         return APIError(400, str(exc), param="messages")
+    if isinstance(exc, KVPoolBusyError):
+        return APIError(503, str(exc), "server_error", headers={"Retry-After": "1"})
+    if isinstance(exc, DistributedFailure):  # a tensor-parallel rank died or hung: the server is going down
+        return APIError(503, str(exc), "server_error")
+    if isinstance(exc, DownloadError):  # the registry's files could not be fetched or did not verify
+        return APIError(502, str(exc), "server_error")
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, SugamError):
@@ -51,3 +60,18 @@ def error_response(exc: Exception) -> JSONResponse:
     err = api_error(exc)
     return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
                         headers=err.headers)
+
+
+def ollama_path(path: str) -> bool:
+    """Whether a request path belongs to the Ollama API, whose errors are `{"error": "..."}`."""
+    return path.startswith("/api/")
+
+
+def ollama_error_response(exc: Exception) -> JSONResponse:
+    err = api_error(exc)
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+
+def error_response_for(path: str, exc: Exception) -> JSONResponse:
+    """The error in the shape of the API that `path` belongs to."""
+    return ollama_error_response(exc) if ollama_path(path) else error_response(exc)

@@ -15,9 +15,9 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("sugam_requests", "HTTP requests to /v1 by endpoint and status",
+        self.requests = Counter("sugam_requests", "HTTP requests to /v1 and /api by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("sugam_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("sugam_generation_tokens", "Generated tokens", registry=r)
@@ -42,6 +42,16 @@ class ServerMetrics:
         self.execution = Info("sugam_execution", "The path chosen at load: CPU, kernels, weights, compute dtype",
                               registry=r)
         self.lora_info: Gauge | None = None  # registered when the engine serves LoRA adapters
+        # vLLM's names, which routers read to balance replicas by queue and KV usage (the Gateway
+        # API inference extension, llm-d): the same values as sugam_requests_* and
+        # sugam_kv_cache_usage_ratio, labelled by model_name as vLLM does. "gpu" is vLLM's word:
+        # it is the KV-cache usage on whatever device the model runs (0..1).
+        self.vllm = {name: Gauge(f"vllm:{name}", text, ["model_name"], registry=r).labels(model_name=model_name)
+                     for name, text in (
+                         ("num_requests_running", "Number of requests in model execution batches"),
+                         ("num_requests_waiting", "Number of requests waiting to be processed"),
+                         ("gpu_cache_usage_perc", "KV-cache usage, 1 means 100 percent (on any device)"),
+                         ("kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent (vLLM V1's name)"))}
 
     def set_lora_info(self, running: tuple[str, ...], waiting: tuple[str, ...], max_lora: int) -> None:
         """vLLM's `vllm:lora_requests_info`, which LoRA-aware routers read: the adapters of running and
@@ -65,6 +75,10 @@ class ServerMetrics:
             self.running.set(stats.num_running)
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_usage)
+            self.vllm["num_requests_running"].set(stats.num_running)
+            self.vllm["num_requests_waiting"].set(stats.num_waiting)
+            self.vllm["gpu_cache_usage_perc"].set(stats.kv_usage)
+            self.vllm["kv_cache_usage_perc"].set(stats.kv_usage)
             self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
             self.preemptions.set(stats.num_preemptions)
             if stats.speculation is not None:

@@ -71,7 +71,8 @@ def router(server: Server) -> APIRouter:
         jobs = prepare(engine, [prompt.token_ids], options, lora)
         _check_room(engine, len(prompt.token_ids), max_tokens)
         server.check_capacity(engine, len(jobs))
-        fmt = ReplyFormat(prompt.opens_thinking, template_tools is not None, forced_call)
+        fmt = ReplyFormat(prompt.opens_thinking, template_tools is not None, forced_call,
+                          frozenset(t["function"]["name"] for t in template_tools or []))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion", "created": created, "model": _model_name(server, lora)}
         if req.stream:
