@@ -3,6 +3,7 @@ that dies brings the server down with a 503 and a non-zero exit instead of a han
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,54 @@ def test_tp2_keeps_gguf_blocks_and_gives_the_same_tokens(tmp_path):
     assert tokens == single_tokens
 
 
+def test_engine_features_keep_working_at_tp2(tiny_models):
+    """Chunked prefill, preemption in a small KV pool, prefix caching, structured output and abort,
+    with the layers split over two ranks: the same as at tp=1."""
+    folder, _ = tiny_models["qwen2"]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    shared = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 33, 8, 1, 2, 3, 4]
+    prompts = [shared + [9], shared + [10], PROMPTS[1], PROMPTS[2]]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    structured = SamplingParams(temperature=0, max_tokens=40, json_schema=schema)
+
+    def run(**kwargs):
+        llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=8, block_size=4,
+                  kv_cache_memory=2 * 2 * 2 * 16 * 4 * 40, **kwargs)  # 40 tokens of KV: preemption
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        text = llm.generate([PROMPTS[0]], structured, use_tqdm=False)[0].outputs[0].text
+        stream = llm.stream_outputs(PROMPTS[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        next(stream)
+        stream.close()                            # abort mid-way: its blocks go back
+        engine = llm.engine
+        return tokens, text, engine.scheduler.num_preemptions, engine.block_manager.stats.hit_tokens, \
+            engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+    one = run()
+    two = run(tensor_parallel_size=2)
+    assert two[0] == one[0] and two[1] == one[1]
+    assert json.loads(two[1])["a"] is not None
+    assert two[2] > 0 and two[3] > 0 and two[4]        # preempted, prefix-cache hits, every block back
+
+
+def test_a_rank_with_another_model_file_is_refused(tiny_models, tmp_path):
+    """torchrun ranks must load the same file: a mismatch is refused at start, naming the ranks."""
+    folder, _ = tiny_models["qwen2"]
+    other, _ = tiny_models["qwen3"]
+    rdzv = free_port()
+    common = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--max-restarts", "0"]
+    logs = [open(tmp_path / f"node{r}.log", "w+") for r in range(2)]
+    nodes = [subprocess.Popen([*common, "--node-rank", str(r), "-m", "sugam.serve", str(model), "--dtype", "float32",
+                               "--port", str(free_port())], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              stdout=logs[r], stderr=subprocess.STDOUT, text=True)
+             for r, model in enumerate([folder, other])]
+    for n in nodes:
+        n.wait(timeout=120)
+    assert all(n.returncode != 0 for n in nodes)
+    rank0 = (tmp_path / "node0.log").read_text()
+    assert "fatal: ranks [1] loaded another model file than rank 0" in rank0
+
+
 def test_a_dead_rank_fails_the_next_step_at_once(tiny_models):
     folder, _ = tiny_models["qwen2"]
     llm = LLM(str(folder), dtype="float32", tensor_parallel_size=2)
@@ -117,7 +166,7 @@ def test_served_request_at_tp2_and_a_killed_rank_gives_503_and_exit_1(tiny_model
         assert "fatal: rank 1" in output and "exited with code" in output
 
 
-def test_torchrun_with_two_local_nodes_serves(tiny_models):
+def test_torchrun_with_two_local_nodes_serves(tiny_models, tmp_path):
     """Two torchrun launches on 127.0.0.1 (--nnodes 2, one process each): rank 0 serves HTTP."""
     folder, _ = tiny_models["qwen2"]
     rdzv, port = free_port(), free_port()
@@ -125,13 +174,14 @@ def test_torchrun_with_two_local_nodes_serves(tiny_models):
               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--max-restarts", "0"]
     serve = ["-m", "sugam.serve", str(folder), "--dtype", "float32", "--port", str(port)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen([*common, "--node-rank", str(r), *serve], env=env, stdout=subprocess.PIPE,
+    logs = [open(tmp_path / f"node{r}.log", "w+") for r in range(2)]   # files: a full pipe would block a node
+    nodes = [subprocess.Popen([*common, "--node-rank", str(r), *serve], env=env, stdout=logs[r],
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert all(n.poll() is None for n in nodes), nodes[0].stdout.read() if nodes[0].stdout else ""
+            assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
@@ -145,6 +195,8 @@ def test_torchrun_with_two_local_nodes_serves(tiny_models):
     finally:
         for n in nodes:
             n.send_signal(signal.SIGTERM)
+        for log in logs:
+            log.close()
         for n in nodes:
             try:
                 n.wait(timeout=20)

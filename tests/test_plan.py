@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from sugam.config import ModelConfig
+from sugam.errors import SugamError
 from sugam.plan import KNOWN, dense_params, kv_bytes_per_token, plan, resolve_shape
 
 
@@ -84,3 +85,15 @@ def test_prediction_matches_measured_rss(alias):
     predicted = next(r for r in plan(resolve_shape(alias), context, 1, None) if r.format.name == "gguf").total
     print(alias, "predicted", predicted, "measured", measured)
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+
+
+def test_tensor_parallel_plan_is_per_device():
+    shape = KNOWN["qwq-32b"]
+    whole = {r.format.name: r for r in plan(shape, 8192, 1, 16 * 10**9)}
+    split = {r.format.name: r for r in plan(shape, 8192, 1, 16 * 10**9, tensor_parallel_size=2)}
+    assert split["int4"].kv_cache * 2 == whole["int4"].kv_cache
+    # half the layers, but the embedding and the LM head whole on rank 0
+    assert whole["int4"].weights / 2 < split["int4"].weights < whole["int4"].weights * 0.6
+    assert split["int4"].fits and not whole["int4"].fits
+    with pytest.raises(SugamError, match="must divide the model's 8 key/value heads"):
+        plan(shape, 8192, 1, None, tensor_parallel_size=3)

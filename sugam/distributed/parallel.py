@@ -211,24 +211,30 @@ class SharedMemoryAllReduce:
     max_elements = 1 << 18          # larger tensors (prefill) take gloo: their latency is amortized
 
     def __init__(self, tp: TensorParallel, name: str):
-        from multiprocessing import resource_tracker, shared_memory
+        import mmap
 
         import numpy as np
 
         n, world = self.max_elements, tp.world_size
         size = 64 * world + 2 * world * n * 4
+        # A file in /dev/shm (RAM) that every rank maps; rank 0 removes its name once all have it, so
+        # nothing is left behind whatever happens to the processes later.
+        path = os.path.join("/dev/shm", name)
         if tp.rank == 0:
-            self.memory = shared_memory.SharedMemory(name=name, create=True, size=size)
-            np.frombuffer(self.memory.buf, dtype=np.int64, count=8 * world)[:] = 0
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+            os.close(fd)
         tp._collective("shared memory setup", lambda: dist.barrier())
-        if tp.rank != 0:
-            self.memory = shared_memory.SharedMemory(name=name)
-            resource_tracker.unregister(self.memory._name, "shared_memory")  # rank 0 owns it
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.memory = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
         tp._collective("shared memory setup", lambda: dist.barrier())
         if tp.rank == 0:
-            self.memory.unlink()      # every rank has it mapped: the name is no longer needed, nothing leaks
-        self.flags = np.frombuffer(self.memory.buf, dtype=np.int64, count=8 * world)[::8]  # one cache line each
-        self.slots = torch.frombuffer(self.memory.buf, dtype=torch.float32, offset=64 * world,
+            os.unlink(path)
+        self.flags = np.frombuffer(self.memory, dtype=np.int64, count=8 * world)[::8]  # one cache line each
+        self.slots = torch.frombuffer(self.memory, dtype=torch.float32, offset=64 * world,
                                       count=2 * world * n).view(2, world, n)
         self.rank, self.sequence = tp.rank, 0
 
@@ -237,7 +243,7 @@ class SharedMemoryAllReduce:
         import platform
 
         if (tp.world_size == 1 or tp.device.type != "cpu" or os.environ.get("SUGAM_TP_SHARED_MEMORY", "1") == "0"
-                or platform.machine().lower() not in ("x86_64", "amd64")):
+                or platform.machine().lower() not in ("x86_64", "amd64") or not os.path.isdir("/dev/shm")):
             return None
         host = hashlib.sha256(socket.gethostname().encode()).digest()[:8]
         hosts = [torch.empty(8, dtype=torch.uint8) for _ in range(tp.world_size)]

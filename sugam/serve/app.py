@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..distributed.parallel import DistributedFailure
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
 from ..engine.runner import describe_path
@@ -112,6 +113,9 @@ class Server:
                 self.metrics.set_execution_path(path)
                 print(f"sugam: {self.config.model_name} loaded ({describe_path(path)}); serving",
                       file=sys.stderr, flush=True)
+            except DistributedFailure as exc:  # the tensor-parallel group could not form: let a supervisor retry
+                self.load_error = str(exc)
+                self.fail(str(exc))
             except Exception as exc:  # reported by /health and every /v1 call
                 log.exception("loading the model failed")
                 self.load_error = str(exc)
