@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import sys
+import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -89,16 +91,29 @@ def run_worker(tp: TensorParallel, path: Path, dtype: str | torch.dtype, device:
 def _worker_process(rank: int, world_size: int, init_method: str, path: str, dtype: str, device: str,
                     quantization: str, cpus: list[int], timeout: float, log_level: int) -> None:
     logging.basicConfig(level=log_level or logging.WARNING, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    _exit_with_parent()
     if cpus:
         pin_to(cpus)
     dev = torch.device(device)
-    tp = TensorParallel.initialize(rank, world_size, dev, init_method, timeout)
     try:
+        tp = TensorParallel.initialize(rank, world_size, dev, init_method, timeout)
         run_worker(tp, Path(path), dtype if dtype in ("auto", "float32", "bfloat16", "float16") else
                    dtype.removeprefix("torch."), dev, quantization)
-    except Exception as exc:  # noqa: BLE001 - any failure ends this rank; rank 0 sees it and stops
+    except BaseException as exc:  # noqa: BLE001 - any failure ends this rank; rank 0 sees it and stops
         log.error("rank %d failed: %s", rank, exc)
-        sys.exit(1)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        os._exit(1)   # not a clean teardown: tearing down a group with a dead peer can hang
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _exit_with_parent() -> None:
+    """A worker whose rank 0 is gone (killed, crashed) must not linger: it exits within a second."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="sugam-tp-parent", daemon=True).start()

@@ -130,7 +130,15 @@ class Server:
         exit non-zero shortly, so that a supervisor (systemd, Kubernetes) starts a fresh server."""
         self.fatal_error = reason
         print(f"sugam: fatal: {reason}; answering 503 and exiting", file=sys.stderr, flush=True)
-        threading.Timer(exit_after, os._exit, args=(1,)).start()
+
+        def leave() -> None:
+            try:
+                self.close()       # the template worker processes go too, not orphaned
+            finally:
+                os._exit(1)
+
+        threading.Timer(exit_after, leave).start()
+        threading.Timer(exit_after + 5, os._exit, args=(1,)).start()   # should closing hang
 
     def ready_engine(self) -> AsyncLLMEngine:
         if self.fatal_error:
