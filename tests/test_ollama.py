@@ -342,11 +342,33 @@ def test_router_metrics_in_vllm_names(server):
     assert metric_value(server, "vllm:num_requests_running") == 0
 
 
-def test_an_error_mid_stream_is_a_line(tiny):
+def never_ending_model(folder):
+    """A tiny model that cannot emit an end token: dimension 0 of its residual stream is 1 for every
+    token and no layer writes it, so after the final norm it is positive; the end tokens' output rows
+    read it with a large negative weight. Its answers run until a limit stops them."""
+    import torch
+    from tokenizers import Tokenizer
+
+    model = build_hf_model(folder, "qwen2", max_position_embeddings=4096)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        for token in {model.config.eos_token_id, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} - {None}:
+            model.lm_head.weight[token] = 0
+            model.lm_head.weight[token, 0] = -200.0
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_an_error_mid_stream_is_a_line(tmp_path):
     """Past the request time limit, a stream that already sent its 200 ends with an error line."""
-    folder = tiny[0]
+    folder = never_ending_model(tmp_path / "m")
     with running_server(str(folder), "--dtype", "float32", "--request-timeout", "0.3") as (base, _):
-        body = {"model": folder.name, "prompt": "go", "raw": True, "options": {"temperature": 0, "num_predict": 480}}
+        # 4000 tokens take seconds even on a fast machine: the 0.3 s limit always comes first
+        body = {"model": folder.name, "prompt": "go", "raw": True, "options": {"temperature": 0, "num_predict": 4000}}
         with httpx.stream("POST", f"{base}/api/generate", json=body, timeout=60) as r:
             assert r.status_code == 200
             r.read()
