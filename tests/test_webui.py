@@ -258,7 +258,11 @@ def test_chat_page_in_a_browser(browser, server, tmp_path):
     send(d, "Tell me a long story")
     wait(d, lambda d: (last_answer(d) or {}).get("content", 0) > 20, what="the long answer streaming")
     assert metric(server, "sugam_requests_running") == 1 and metric(server, "sugam_kv_cache_usage_ratio") > 0
-    d.find_element("id", "stop").click()
+    stop = d.find_element("id", "stop")
+    assert stop.is_displayed()
+    # the layout keeps the composer in view; the click is the element's own, not at a point of the
+    # screen, so a repaint of the streaming answer at that instant cannot take it
+    d.execute_script("arguments[0].scrollIntoView({block: 'nearest'}); arguments[0].click();", stop)
     wait(d, lambda d: last_answer(d)["busy"] == "false", what="the stream stopped")
     assert "stopped" in last_answer(d)["meta"] and not last_answer(d)["error"]
     wait_idle(server, timeout=10)  # the abort reached the engine: nothing running, no KV block held
