@@ -72,6 +72,21 @@ def build_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
     return model
 
 
+def forbid_tokens(model, token_ids) -> None:
+    """Make `token_ids` impossible to sample from a transformers Qwen2/Llama-style model: dimension 0
+    of the residual stream is set to 1 for every token and no layer writes to it, so after the final
+    norm it is always positive; those tokens' output rows read it with a large negative weight.
+    (Tests use it for answers that only a limit, a budget or Stop can end.)"""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        for token in token_ids:
+            model.lm_head.weight[token] = 0
+            model.lm_head.weight[token, 0] = -200.0
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     """{arch: (folder, transformers model)} for qwen2, qwen3 and llama."""

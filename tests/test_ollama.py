@@ -14,7 +14,7 @@ import threading
 
 import httpx
 import pytest
-from conftest import build_hf_model
+from conftest import build_hf_model, forbid_tokens
 from server_harness import running_server, wait_idle
 from test_lora import make_peft_adapter
 
@@ -343,22 +343,13 @@ def test_router_metrics_in_vllm_names(server):
 
 
 def never_ending_model(folder):
-    """A tiny model that cannot emit an end token: dimension 0 of its residual stream is 1 for every
-    token and no layer writes it, so after the final norm it is positive; the end tokens' output rows
-    read it with a large negative weight. Its answers run until a limit stops them."""
-    import torch
+    """A tiny model that cannot emit an end token: its answers run until a limit stops them."""
     from tokenizers import Tokenizer
 
     model = build_hf_model(folder, "qwen2", max_position_embeddings=4096)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0
-            layer.mlp.down_proj.weight[0] = 0
-        for token in {model.config.eos_token_id, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} - {None}:
-            model.lm_head.weight[token] = 0
-            model.lm_head.weight[token, 0] = -200.0
+    ends = {model.config.eos_token_id, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} - {None}
+    forbid_tokens(model, ends)
     model.save_pretrained(folder)
     return folder
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from conftest import build_hf_model
+from conftest import build_hf_model, forbid_tokens
 from fastapi.testclient import TestClient
 from server_harness import metric, running_server, wait_idle
 from tokenizers import Tokenizer
@@ -120,18 +119,9 @@ def thinker(tmp_path_factory):
     folder = root / "thinker"
     model = build_hf_model(folder, "qwen2", max_position_embeddings=2048)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    with torch.no_grad():
-        # Dimension 0 of the residual stream is 1 for every token and no layer writes to it, so after
-        # the final norm it is always positive; the output rows of the end token and of the think
-        # tags read it with a large negative weight: they are never sampled. Only the thinking
-        # budget ends the thought, only max_tokens (or Stop) the answer.
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0
-            layer.mlp.down_proj.weight[0] = 0
-        for token in map(tok.token_to_id, ("<|im_end|>", "<think>", "</think>")):
-            model.lm_head.weight[token] = 0
-            model.lm_head.weight[token, 0] = -200.0
+    # The end token and the think tags are never sampled: only the thinking budget ends the
+    # thought, only max_tokens (or Stop) the answer.
+    forbid_tokens(model, map(tok.token_to_id, ("<|im_end|>", "<think>", "</think>")))
     model.save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(THINKING_TEMPLATE)
     make_peft_adapter(model, root / "sql", seed=1)

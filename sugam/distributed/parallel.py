@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -100,8 +101,6 @@ class TensorParallel:
 
     def _dead_worker(self, wait: float = 0.0) -> str | None:
         """Which worker this rank started has exited, if any (waiting up to `wait` s for the OS to say)."""
-        import time
-
         deadline = time.monotonic() + wait
         while True:
             for rank, proc in enumerate(self.workers, start=1):
@@ -115,8 +114,6 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks in place (in fp32: gloo has no bf16 sum, and fp32 keeps the sum exact-er)."""
-        import time
-
         start = time.perf_counter()
         buf = x if x.dtype == torch.float32 else x.float()
         if self.shared is not None and buf.numel() <= self.shared.max_elements:
@@ -185,8 +182,6 @@ class TensorParallel:
     def watch_workers(self) -> None:
         """Rank 0: fail as soon as a worker process this rank started exits."""
         def watch() -> None:
-            import time
-
             while self.failed is None:
                 dead = self._dead_worker()
                 if dead:
@@ -255,8 +250,6 @@ class SharedMemoryAllReduce:
         return cls(tp, f"sugam-tp-{name.numpy().tobytes().hex()}")
 
     def all_reduce(self, x: torch.Tensor, tp: TensorParallel) -> None:
-        import time
-
         n = x.numel()
         self.sequence += 1
         part, flags, sequence = self.sequence & 1, self.flags, self.sequence

@@ -28,7 +28,8 @@ from ..errors import SugamError
 
 # The projections an adapter may target, by their HF module names.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+# The submodule of a decoder layer each projection lives in (HF naming)
+PROJECTION_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -166,7 +167,7 @@ def load_peft(folder: Path) -> LoRAAdapter:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         match = _PEFT_NAME.match(name)
-        if match is None or match.group(3) not in TARGET_MODULES or _PARENT[match.group(3)] != match.group(2):
+        if match is None or match.group(3) not in TARGET_MODULES or PROJECTION_PARENT[match.group(3)] != match.group(2):
             raise LoRAError(f"{weights_path}: tensor {name!r} is not a LoRA update of an attention or MLP projection")
         halves.setdefault((int(match.group(1)), match.group(3)), {})[match.group(4)] = tensor
     weights = {}
@@ -188,7 +189,7 @@ def load_peft(folder: Path) -> LoRAAdapter:
 def _pattern_value(pattern: dict, key: tuple[int, str], default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern: keys are module-name suffixes or regexes."""
     layer, module = key
-    full = f"model.layers.{layer}.{_PARENT[module]}.{module}"
+    full = f"model.layers.{layer}.{PROJECTION_PARENT[module]}.{module}"
     for name, value in pattern.items():
         if full.endswith(name) or re.fullmatch(f".*{name}", full):
             return value
@@ -204,7 +205,7 @@ def save_peft(adapter: LoRAAdapter, folder: Path, base_model: str | None = None)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for (layer, module), w in sorted(adapter.weights.items()):
-        prefix = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
+        prefix = f"base_model.model.model.layers.{layer}.{PROJECTION_PARENT[module]}.{module}"
         tensors[f"{prefix}.lora_A.weight"] = w.a.detach().contiguous().cpu()
         tensors[f"{prefix}.lora_B.weight"] = w.b.detach().contiguous().cpu()
     config = {

@@ -30,7 +30,7 @@ from ..models.registry import model_class
 from ..quant.formats import INT4_ROW_BLOCK, PackedGGUFWeight, QuantizedWeight
 from ..quant.linear import DEQUANT_CHUNK_VALUES, QuantizedEmbedding, QuantizedLinear, quantized_matmul
 from ..quant.policy import checkpoint_mode, weight_chooser
-from .adapter import _PARENT, TARGET_MODULES, LoRAAdapter, LoRAWeights, lora_scale
+from .adapter import PROJECTION_PARENT, TARGET_MODULES, LoRAAdapter, LoRAWeights, lora_scale
 from .data import IGNORE
 
 # Logits of this many values (fp32) at most exist at once in the loss: a 150k vocabulary -> ~220 rows.
@@ -147,7 +147,7 @@ def attach_lora(model: CausalLM, targets: tuple[str, ...] = TARGET_MODULES, rank
     wrapped = {}
     for index, layer in enumerate(model.model.layers):
         for name in targets:
-            parent = getattr(layer, _PARENT[name])
+            parent = getattr(layer, PROJECTION_PARENT[name])
             module = LoRALinear(getattr(parent, name), rank, alpha, dropout)
             setattr(parent, name, module)
             wrapped[(index, name)] = module
@@ -158,7 +158,7 @@ def lora_parameters(loras: dict[tuple[int, str], LoRALinear]) -> dict[str, nn.Pa
     """The trainable tensors by their PEFT-style names (stable keys for checkpoints)."""
     out = {}
     for (layer, name), module in sorted(loras.items()):
-        prefix = f"model.layers.{layer}.{_PARENT[name]}.{name}"
+        prefix = f"model.layers.{layer}.{PROJECTION_PARENT[name]}.{name}"
         out[f"{prefix}.lora_A"] = module.lora_A
         out[f"{prefix}.lora_B"] = module.lora_B
     return out
