@@ -207,9 +207,7 @@ class LLMEngine:
 
     def add_lora(self, request: LoRARequest, adapter: LoRAAdapter | None = None) -> LoadedLoRA:
         """Load and register an adapter (raises LoRAError with the reason; nothing half-loaded)."""
-        if self.loras is None:
-            raise LoRAError("LoRA adapters are off: start with --lora / --enable-lora (LLM(enable_lora=True))")
-        return self.loras.add(request, adapter)
+        return self._lora_manager().add(request, adapter)
 
     def remove_lora(self, name: str) -> bool:
         """Forget an adapter (requests using it finish with it). True if it was loaded."""
@@ -218,10 +216,13 @@ class LLMEngine:
     def list_loras(self) -> list[LoRARequest]:
         return [lora.request for lora in self.loras.list()] if self.loras else []
 
-    def _lora_for(self, request: LoRARequest) -> LoadedLoRA:
+    def _lora_manager(self) -> LoRAManager:
         if self.loras is None:
             raise LoRAError("LoRA adapters are off: start with --lora / --enable-lora (LLM(enable_lora=True))")
-        loaded = self.loras.get(request.lora_name)
+        return self.loras
+
+    def _lora_for(self, request: LoRARequest) -> LoadedLoRA:
+        loaded = self._lora_manager().get(request.lora_name)
         if loaded is None:
             raise LoRAError(f"no LoRA adapter named {request.lora_name!r} is loaded")
         return loaded
