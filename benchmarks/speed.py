@@ -10,7 +10,8 @@ an approximation of an AVX2 machine, not a measurement of one), llama.cpp, trans
 time to first token, decode tok/s over 128 tokens (EOS ignored), peak RSS; medians of --repeats.
 "Bandwidth achieved" = bytes of weights read per decoded token x decode tok/s, printed next to the
 machine's bandwidth measured in the same run (median of probes taken before each engine and after). llama.cpp comes from `pip install llama-cpp-python`
-(built from its source); engines that are not installed are skipped. 2 threads everywhere.
+(built from its source); engines that are not installed are skipped. --threads (default 2) for every
+engine and for the bandwidth probe.
 Writes benchmarks/results/speed-MODEL.json and .md.
 """
 
@@ -70,7 +71,8 @@ def bench_sugam(path: str, repeats: int, quantization: str = "auto", dtype: str 
 def bench_llamacpp(path: str, repeats: int) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     ids = prompt_ids()
     prefill, decode = [], []
     for r in range(repeats + 1):
@@ -96,7 +98,7 @@ def bench_llama_bench(path: str, repeats: int) -> dict:
     """llama.cpp's own llama-bench binary (SUGAM_LLAMA_BENCH, e.g. a build held to AVX2: see
     ../shared/peers/llama-cpp.md): pp512 and tg128, medians of its samples."""
     binary = os.environ["SUGAM_LLAMA_BENCH"]
-    out = subprocess.run([binary, "-m", path, "-p", str(PROMPT_LEN), "-n", str(DECODE_LEN), "-t", "2",
+    out = subprocess.run([binary, "-m", path, "-p", str(PROMPT_LEN), "-n", str(DECODE_LEN), "-t", os.environ["OMP_NUM_THREADS"],
                           "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True)
     runs = json.loads(out.stdout)
     speed = {("pp" if r["n_prompt"] else "tg"): statistics.median(r["samples_ts"]) for r in runs}
@@ -163,12 +165,12 @@ def _bytes_read_per_token(model) -> int:
     return total if tied else total - embed.numel() * embed.element_size()
 
 
-def machine_bandwidth_samples(n: int = 3) -> list[float]:
-    """GB/s of a torch sum over 2 GiB with 2 threads. The shared machine's reading moves a lot (30-77
-    GB/s seen), so it is sampled before each engine and after the last, and the median is used."""
+def machine_bandwidth_samples(threads: int = 2, n: int = 3) -> list[float]:
+    """GB/s of a torch sum over 2 GiB with this many threads. The shared machine's reading moves a lot
+    (30-77 GB/s seen), so it is sampled before each engine and after the last, and the median is used."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     x = torch.ones(2**29, dtype=torch.float32)  # 2 GiB
     x.sum()
     samples = []
@@ -183,19 +185,23 @@ ENGINES = {"sugam": bench_sugam, "sugam-int4": lambda path, repeats: bench_sugam
            "sugam-pytorch": bench_sugam,
            "sugam-avx2-emulated": lambda path, repeats: bench_sugam(path, repeats, "gguf", "float32"),
            "sugam-avx2": lambda path, repeats: bench_sugam(path, repeats, "gguf", "float32"),
+           "sugam-avx2-kernels": bench_sugam,
            "llamacpp": bench_llamacpp, "llama-bench": bench_llama_bench, "transformers": bench_transformers}
 _NO_KERNELS = {"SUGAM_NATIVE_KERNELS": "0"}
 _ATEN_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ENGINE_ENV = {"sugam-pytorch": _NO_KERNELS,
               "sugam-avx2-emulated": {**_NO_KERNELS, **_ATEN_AVX2},
               # what an AVX2 CPU runs by default: sugam's AVX2 kernels, fp32 compute, PyTorch's GEMMs in AVX2
-              "sugam-avx2": {"SUGAM_NATIVE_ISA": "avx2", **_ATEN_AVX2}}
+              "sugam-avx2": {"SUGAM_NATIVE_ISA": "avx2", **_ATEN_AVX2},
+              # sugam's AVX2 kernels on an AVX-512 CPU, everything else as it is (what an AVX-512 CPU
+              # without AVX-512 BF16 ran before the AVX-512 build stopped needing it)
+              "sugam-avx2-kernels": {"SUGAM_NATIVE_ISA": "avx2"}}
 
 
 def child(engine: str, path: str, repeats: int) -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     result = ENGINES[engine](path, repeats)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
@@ -208,6 +214,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default="", help="suffix of the result files (keeps another run's tables)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of every engine, in turns; the table has medians")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bench", default="", help="llama-bench binary for the llama-bench engine")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,8 +227,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):  # engines take turns: a machine whose speed drifts hurts them alike
         for engine in args.engines:
-            probe += machine_bandwidth_samples()
-            env = dict(os.environ, OMP_NUM_THREADS="2", SUGAM_LLAMA_BENCH=args.llama_bench, **ENGINE_ENV.get(engine, {}))
+            probe += machine_bandwidth_samples(args.threads)
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), SUGAM_LLAMA_BENCH=args.llama_bench, **ENGINE_ENV.get(engine, {}))
             out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", engine, path],
                                  capture_output=True, text=True, env=env)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -234,13 +241,13 @@ def main() -> None:
             print(engine, {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     rows = {engine: {k: statistics.median(r[k] for r in rs) if isinstance(rs[0][k], (int, float)) else rs[0][k]
                      for k in rs[0]} for engine, rs in runs.items()}
-    probe += machine_bandwidth_samples()
+    probe += machine_bandwidth_samples(args.threads)
     bandwidth = statistics.median(probe)
     base = rows.get("llamacpp") or rows.get("llama-bench")
     from sugam.hardware import cpu_label
 
     cpu = cpu_label()
-    table = [f"# Single-stream speed: {args.model}, {cpu}, 2 threads, machine bandwidth {bandwidth:.1f} GB/s "
+    table = [f"# Single-stream speed: {args.model}, {cpu}, {args.threads} thread(s), machine bandwidth {bandwidth:.1f} GB/s "
              f"(median of {len(probe)} probes, {min(probe):.0f}-{max(probe):.0f}); medians of {args.rounds} round(s) "
              f"of the engines in turn", "",
              "| engine | decode tok/s | × llama.cpp | prefill tok/s (512) | × llama.cpp | weights read/token | "

@@ -7,7 +7,8 @@
 Two implementations, one built per machine (the "ISA" below), chosen by the CPU's features:
 
 - "avx512": gguf_matmul.cpp, gguf_block32.cpp, gguf_kquant.cpp, attention.cpp, layers.cpp, for
-  x86-64 with AVX-512 VNNI and BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD since Zen 4);
+  x86-64 with AVX-512 VNNI (Intel since Cascade Lake / Ice Lake, AMD since Zen 4); AVX-512 BF16
+  (Cooper Lake, Sapphire Rapids, Zen 4) is used where present, for one rounding instruction;
 - "avx2" / "neon" / "scalar": portable/core.h, written once in 256-bit vectors (portable/vec.h)
   with an AVX2 backend (every x86-64 since Haswell / Zen 1; VNNI dot products where the CPU has
   AVX-VNNI), a NEON one (every aarch64 CPU; sdot with the dotprod extension) and plain C++ (any
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 # GGML type name -> id (the kernels read the types in sugam/quant/gguf_pack.py and refuse others)
 _GGML_IDS = {t.name: t.value for t in GGMLQuantizationType}
 _DIR = Path(__file__).parent
-_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
+_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 _AVX2_FLAGS = ("avx2", "fma", "f16c")
 _AVX512_SOURCES = ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp", "layers.cpp", "lora.cpp",
                    "decoder.cpp")
@@ -94,7 +95,11 @@ def _compile_flags(which: str) -> list[str]:
     if platform.system() != "Darwin":  # Apple's clang has no -fopenmp: the kernels then run on one thread
         flags.append("-fopenmp")
     if which == "avx512":
-        return flags + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
+        # SUGAM_NATIVE_BF16=0 builds the integer rounding on a CPU that has the instruction (tests)
+        if "avx512_bf16" in cpu_flags() and os.environ.get("SUGAM_NATIVE_BF16", "1") != "0":
+            flags.append("-mavx512bf16")
+        return flags
     if which == "avx2":
         return flags + ["-mavx2", "-mfma", "-mf16c"] + (["-mavxvnni"] if "avx_vnni" in cpu_flags() else [])
     if which == "neon":

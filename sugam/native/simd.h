@@ -23,9 +23,26 @@ inline __m512 load16(const c10::BFloat16* x) {  // bf16 -> fp32 is a 16-bit shif
 }
 inline __m512 load16(const int8_t* x) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)))); }
 
+// fp32 -> bf16 bits, rounded to nearest even as .to(bfloat16) rounds. AVX-512 BF16 (Zen 4, Sapphire
+// Rapids) has one instruction for it; AVX-512 CPUs without it (Ice Lake, Cascade Lake: most cloud
+// x86 VMs) get the same bits from integer arithmetic: add 0x7FFF plus the kept part's lowest bit,
+// and keep a NaN quiet instead of letting the carry turn it into infinity.
+inline __m256i bf16_bits(__m512 v) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+#endif
+}
+
 inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
 inline void store16(c10::BFloat16* y, __m512 v) {  // round to nearest even, as .to(bfloat16)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), bf16_bits(v));
 }
 
 // The 32 nibble bytes at p as 64 codes: the low nibbles in bytes 0-31, the high ones in bytes 32-63
@@ -70,7 +87,7 @@ inline __m512i quantize16(__m512 v, __m512 inv, int8_t* q) {
 // does when it multiplies two bf16 tensors.
 inline __m512 rounded(__m512 v, const float*) { return v; }
 inline __m512 rounded(__m512 v, const c10::BFloat16*) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
 }
 
 // Ask for a weight row while an earlier one computes: decode alternates between streaming the
