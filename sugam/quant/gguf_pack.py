@@ -88,10 +88,11 @@ def pack_rows(raw: np.ndarray, qtype: str, cols: int) -> np.ndarray:
     codes, scales = _codes_and_scales(np.asarray(raw, dtype=np.uint8), qtype, cols)
     chunks = codes.reshape(rows, -1, 64)
     sections = [codes] if qtype == "Q8_0" else [((chunks[..., :32] & 15) | ((chunks[..., 32:] & 15) << 4)).reshape(rows, -1)]
-    planes = _HIGH_PLANES.get(qtype, 0)
-    if planes:
-        bits = [np.packbits((chunks >> (4 + p)) & 1, axis=-1, bitorder="little") for p in range(planes)]
-        sections.append(np.concatenate(bits, axis=-1).reshape(rows, -1))  # per chunk: bit-4 word, bit-5 word
+    if qtype == "Q6_K":  # per chunk 16 bytes: byte i holds bits 4-5 of values i, 16+i, 32+i, 48+i (2 bits each)
+        pairs = ((chunks >> 4) & 3).reshape(rows, -1, 4, 16) << (2 * np.arange(4, dtype=np.uint8))[:, None]
+        sections.append(np.bitwise_or.reduce(pairs, axis=2).reshape(rows, -1))
+    elif _HIGH_PLANES.get(qtype):  # per chunk one little-endian 64-bit word of bit 4
+        sections.append(np.packbits((chunks >> 4) & 1, axis=-1, bitorder="little").reshape(rows, -1))
     out = np.concatenate(sections + scales, axis=1)
     assert out.shape[1] == packed_row_bytes(qtype, cols)
     return out

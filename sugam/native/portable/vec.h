@@ -100,6 +100,15 @@ SUGAM_INLINE Bytes add_bits(Bytes c, const uint8_t* bits, uint8_t value) {
   const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
   return {_mm256_or_si256(c.v, _mm256_and_si256(set, _mm256_set1_epi8(static_cast<char>(value))))};
 }
+// Q6_K's bits 4-5 of a chunk's 64 codes from their 16 bytes at pairs (byte i: values i, 16+i, 32+i,
+// 48+i in its bit pairs 0-1, 2-3, 4-5, 6-7): a shift per 64-bit word moves the pair of each 16
+// values into bits 4-5; lo holds values 0-31, hi 32-63
+SUGAM_INLINE void add_bit_pairs(Bytes& lo, Bytes& hi, const uint8_t* pairs) {
+  const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
+  const __m256i mask = _mm256_set1_epi8(0x30);
+  lo.v = _mm256_or_si256(lo.v, _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_set_epi64x(2, 2, 4, 4)), mask));
+  hi.v = _mm256_or_si256(hi.v, _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_set_epi64x(2, 2, 0, 0)), mask));
+}
 SUGAM_INLINE Bytes flip_sign_bit(Bytes b) { return {_mm256_xor_si256(b.v, _mm256_set1_epi8(static_cast<char>(0x80)))}; }
 
 // acc + sums of 4 products of unsigned codes (< 128) and int8 activations
@@ -250,6 +259,13 @@ SUGAM_INLINE Bytes add_bits(Bytes c, const uint8_t* p, uint8_t value) {
   const uint8x16_t lo = vtstq_u8(vcombine_u8(b0, b1), bit), hi = vtstq_u8(vcombine_u8(b2, b3), bit);
   return {vorrq_u8(c.lo, vandq_u8(lo, val)), vorrq_u8(c.hi, vandq_u8(hi, val))};
 }
+SUGAM_INLINE void add_bit_pairs(Bytes& lo, Bytes& hi, const uint8_t* pairs) {  // as on AVX2
+  const uint8x16_t h = vld1q_u8(pairs), mask = vdupq_n_u8(0x30);
+  lo.lo = vorrq_u8(lo.lo, vandq_u8(vshlq_n_u8(h, 4), mask));
+  lo.hi = vorrq_u8(lo.hi, vandq_u8(vshlq_n_u8(h, 2), mask));
+  hi.lo = vorrq_u8(hi.lo, vandq_u8(h, mask));
+  hi.hi = vorrq_u8(hi.hi, vandq_u8(vshrq_n_u8(h, 2), mask));
+}
 SUGAM_INLINE Bytes flip_sign_bit(Bytes b) {
   const uint8x16_t m = vdupq_n_u8(0x80);
   return {veorq_u8(b.lo, m), veorq_u8(b.hi, m)};
@@ -375,6 +391,12 @@ inline Bytes add_bits(Bytes c, const uint8_t* p, uint8_t value) {
   std::memcpy(&bits, p, 4);
   for (int i = 0; i < 32; ++i) if ((bits >> i) & 1) c.v[i] = static_cast<uint8_t>(c.v[i] + value);
   return c;
+}
+inline void add_bit_pairs(Bytes& lo, Bytes& hi, const uint8_t* pairs) {  // value 16p + i: pair p of byte i
+  for (int i = 0; i < 32; ++i) {
+    lo.v[i] = static_cast<uint8_t>(lo.v[i] | (((pairs[i % 16] >> (2 * (i / 16))) & 3) << 4));
+    hi.v[i] = static_cast<uint8_t>(hi.v[i] | (((pairs[i % 16] >> (2 * (i / 16) + 4)) & 3) << 4));
+  }
 }
 inline Bytes flip_sign_bit(Bytes b) { for (auto& x : b.v) x ^= 0x80; return b; }
 inline I32 dot(I32 acc, Bytes codes, Bytes acts) {
