@@ -9,7 +9,8 @@
 // values (K % 64 == 0), in this order:
 //   codes   Q8_0: K bytes (code + 128); others: K/2 bytes, chunk c of 64 values in 32 bytes, byte j
 //           holding value 64c+j in its low nibble and 64c+32+j in its high one
-//   high    Q5_0/Q5_1/Q5_K: K/8 bytes, bit 4 of each code (8 little-endian bytes a chunk);
+//   high    Q5_0/Q5_1/Q5_K: K/8 bytes, bit 4 of each code (8 bytes a chunk, bit p of byte i
+//           that of value 64c+8p+i: a shift per 8 values decodes them);
 //           Q6_K: K/4 bytes, bits 4 and 5 (16 bytes a chunk, byte i holding those of values
 //           64c+i, +16, +32, +48 in its bit pairs 0-1, 2-3, 4-5, 6-7: a shift per 16 values
 //           decodes them, where bit planes cost a shuffle and a compare each on AVX2); others: none

@@ -52,12 +52,14 @@ inline __m512i nibbles64(const uint8_t* p) {
   return _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
 }
 
-// codes + value in the bytes whose bit is set in the 8 bytes at bits: one bit plane of higher code
-// bits (a bit the codes do not have yet, so the addition is an or).
-inline __m512i add_bit_plane(__m512i codes, const uint8_t* bits, int8_t value) {
-  uint64_t mask;
-  std::memcpy(&mask, bits, 8);
-  return _mm512_mask_add_epi8(codes, mask, codes, _mm512_set1_epi8(value));
+// codes | bit 4 of the 64 codes of a Q5_x chunk from their 8 bytes at bits (bit p of byte i: value
+// 8p + i): 64-bit word p of the broadcast keeps bit p of each byte, rotated into bit 4 (left by 4-p).
+inline __m512i add_bit4(__m512i codes, const uint8_t* bits) {
+  uint64_t word;
+  std::memcpy(&word, bits, 8);
+  const __m512i rotated = _mm512_rolv_epi64(_mm512_set1_epi64(static_cast<long long>(word)),
+                                            _mm512_set_epi64(61, 62, 63, 0, 1, 2, 3, 4));
+  return _mm512_ternarylogic_epi32(codes, rotated, _mm512_set1_epi8(0x10), 0xF8);  // codes | (rotated & 0x10)
 }
 
 // codes | bits 4-5 of Q6_K's 64 codes from their 16 bytes at pairs (byte i: values i, 16+i, 32+i,
@@ -70,15 +72,15 @@ inline __m512i add_bit_pairs(__m512i codes, const uint8_t* pairs) {
 }
 
 // The 64 unsigned codes of chunk c of a packed row (gguf_matmul.cpp's layout). PLANES: -1 for 8-bit
-// codes (Q8_0, or a row decoded once), else the high bits above the nibbles: 1, bit 4 as a bit plane
-// of 8 bytes a chunk (Q5_x/Q5_K); 2, bits 4 and 5 as pairs in 16 bytes a chunk (Q6_K).
+// codes (Q8_0, or a row decoded once), else the high bits above the nibbles: 1, bit 4 in 8 bytes a
+// chunk (Q5_x/Q5_K); 2, bits 4 and 5 as pairs in 16 bytes a chunk (Q6_K).
 template <int PLANES>
 inline __attribute__((always_inline)) __m512i chunk_codes(const uint8_t* codes, const uint8_t* high, int64_t c) {
   if constexpr (PLANES < 0) {
     return _mm512_loadu_si512(codes + 64 * c);
   } else {
     __m512i v = nibbles64(codes + 32 * c);
-    if constexpr (PLANES == 1) v = add_bit_plane(v, high + 8 * c, 16);
+    if constexpr (PLANES == 1) v = add_bit4(v, high + 8 * c);
     if constexpr (PLANES == 2) v = add_bit_pairs(v, high + 16 * c);
     return v;
   }

@@ -91,8 +91,9 @@ def pack_rows(raw: np.ndarray, qtype: str, cols: int) -> np.ndarray:
     if qtype == "Q6_K":  # per chunk 16 bytes: byte i holds bits 4-5 of values i, 16+i, 32+i, 48+i (2 bits each)
         pairs = ((chunks >> 4) & 3).reshape(rows, -1, 4, 16) << (2 * np.arange(4, dtype=np.uint8))[:, None]
         sections.append(np.bitwise_or.reduce(pairs, axis=2).reshape(rows, -1))
-    elif _HIGH_PLANES.get(qtype):  # per chunk one little-endian 64-bit word of bit 4
-        sections.append(np.packbits((chunks >> 4) & 1, axis=-1, bitorder="little").reshape(rows, -1))
+    elif _HIGH_PLANES.get(qtype):  # per chunk 8 bytes: bit p of byte i is bit 4 of value 8p + i
+        bits = ((chunks >> 4) & 1).reshape(rows, -1, 8, 8) << np.arange(8, dtype=np.uint8)[:, None]
+        sections.append(np.bitwise_or.reduce(bits, axis=2).reshape(rows, -1))
     out = np.concatenate(sections + scales, axis=1)
     assert out.shape[1] == packed_row_bytes(qtype, cols)
     return out

@@ -6,8 +6,8 @@
 //
 // The weights are in sugam's packed GGUF row layout (gguf_matmul.cpp says it in full): per row the
 // codes (Q8_0: one byte each, code + 128; others: 64 values in 32 bytes, value j in the low nibble of
-// byte j and value 32 + j in its high one), then the bits above the nibbles (Q5_x: a plane of bit 4,
-// 8 bytes per 64 values; Q6_K: bits 4 and 5 in pairs, 16 bytes per 64 values), then the scales. So the low nibbles of a 32-byte
+// byte j and value 32 + j in its high one), then the bits above the nibbles (Q5_x: bit 4, 8 bytes
+// per 64 values; Q6_K: bits 4 and 5 in pairs, 16 bytes per 64 values), then the scales. So the low nibbles of a 32-byte
 // load are one block of 32 values and the high nibbles the next: exactly one 256-bit vector each.
 //
 // Products: activations are quantized to int8 once per call (scale max|x| / 127 per 32 values, or
@@ -195,10 +195,7 @@ SUGAM_INLINE void chunk_codes(const uint8_t* codes, const uint8_t* high, int64_t
   } else {
     lo = low_nibbles(codes + 32 * c);
     hi = high_nibbles(codes + 32 * c);
-    if constexpr (PLANES == 1) {  // Q5_x: a plane of bit 4
-      lo = add_bits(lo, high + 8 * c, 16);
-      hi = add_bits(hi, high + 8 * c + 4, 16);
-    }
+    if constexpr (PLANES == 1) add_bit4(lo, hi, high + 8 * c);         // Q5_x: bit 4
     if constexpr (PLANES == 2) add_bit_pairs(lo, hi, high + 16 * c);  // Q6_K: bits 4-5 in pairs
   }
 }

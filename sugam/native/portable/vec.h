@@ -91,14 +91,14 @@ SUGAM_INLINE Bytes low_nibbles(const uint8_t* p) { return {_mm256_and_si256(_mm2
 SUGAM_INLINE Bytes high_nibbles(const uint8_t* p) {
   return {_mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 4), _mm256_set1_epi8(0x0F))};
 }
-// codes + value in the bytes whose bit is set in the 4 bytes at bits (bit i <-> byte i); a bit the
-// codes lack, so the addition is an or
-SUGAM_INLINE Bytes add_bits(Bytes c, const uint8_t* bits, uint8_t value) {
-  const __m256i word = _mm256_broadcastd_epi32(_mm_loadu_si32(bits));  // a load, no ALU work
-  const __m256i spread = _mm256_shuffle_epi8(word, _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-  return {_mm256_or_si256(c.v, _mm256_and_si256(set, _mm256_set1_epi8(static_cast<char>(value))))};
+// Q5_x's bit 4 of a chunk's 64 codes from their 8 bytes at bits (bit p of byte i: value 8p + i): a
+// shift per 64-bit word moves bit p of each byte into bit 4; lo holds values 0-31, hi 32-63
+SUGAM_INLINE void add_bit4(Bytes& lo, Bytes& hi, const uint8_t* bits) {
+  int64_t word;
+  std::memcpy(&word, bits, 8);
+  const __m256i h = _mm256_set1_epi64x(word), mask = _mm256_set1_epi8(0x10);
+  lo.v = _mm256_or_si256(lo.v, _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_set_epi64x(1, 2, 3, 4)), mask));
+  hi.v = _mm256_or_si256(hi.v, _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_set_epi64x(3, 2, 1, 0)), mask));
 }
 // Q6_K's bits 4-5 of a chunk's 64 codes from their 16 bytes at pairs (byte i: values i, 16+i, 32+i,
 // 48+i in its bit pairs 0-1, 2-3, 4-5, 6-7): a shift per 64-bit word moves the pair of each 16
@@ -249,15 +249,17 @@ SUGAM_INLINE Bytes low_nibbles(const uint8_t* p) {
   return {vandq_u8(vld1q_u8(p), m), vandq_u8(vld1q_u8(p + 16), m)};
 }
 SUGAM_INLINE Bytes high_nibbles(const uint8_t* p) { return {vshrq_n_u8(vld1q_u8(p), 4), vshrq_n_u8(vld1q_u8(p + 16), 4)}; }
-SUGAM_INLINE Bytes add_bits(Bytes c, const uint8_t* p, uint8_t value) {
-  uint32_t bits;
-  std::memcpy(&bits, p, 4);
-  static const uint8_t bit_of[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-  const uint8x16_t bit = vld1q_u8(bit_of), val = vdupq_n_u8(value);
-  const uint8x8_t b0 = vdup_n_u8(bits & 0xFF), b1 = vdup_n_u8((bits >> 8) & 0xFF);
-  const uint8x8_t b2 = vdup_n_u8((bits >> 16) & 0xFF), b3 = vdup_n_u8(bits >> 24);
-  const uint8x16_t lo = vtstq_u8(vcombine_u8(b0, b1), bit), hi = vtstq_u8(vcombine_u8(b2, b3), bit);
-  return {vorrq_u8(c.lo, vandq_u8(lo, val)), vorrq_u8(c.hi, vandq_u8(hi, val))};
+SUGAM_INLINE void add_bit4(Bytes& lo, Bytes& hi, const uint8_t* bits) {  // as on AVX2, a shift per byte
+  static const int8_t shift[4][16] = {{4, 4, 4, 4, 4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3},
+                                      {2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1},
+                                      {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1},
+                                      {-2, -2, -2, -2, -2, -2, -2, -2, -3, -3, -3, -3, -3, -3, -3, -3}};
+  const uint8x8_t b = vld1_u8(bits);
+  const uint8x16_t h = vcombine_u8(b, b), mask = vdupq_n_u8(0x10);
+  lo.lo = vorrq_u8(lo.lo, vandq_u8(vshlq_u8(h, vld1q_s8(shift[0])), mask));
+  lo.hi = vorrq_u8(lo.hi, vandq_u8(vshlq_u8(h, vld1q_s8(shift[1])), mask));
+  hi.lo = vorrq_u8(hi.lo, vandq_u8(vshlq_u8(h, vld1q_s8(shift[2])), mask));
+  hi.hi = vorrq_u8(hi.hi, vandq_u8(vshlq_u8(h, vld1q_s8(shift[3])), mask));
 }
 SUGAM_INLINE void add_bit_pairs(Bytes& lo, Bytes& hi, const uint8_t* pairs) {  // as on AVX2
   const uint8x16_t h = vld1q_u8(pairs), mask = vdupq_n_u8(0x30);
@@ -386,11 +388,11 @@ inline Bytes load_bytes(const void* p) { Bytes b; std::memcpy(b.v, p, 32); retur
 inline void store_bytes(void* p, Bytes b) { std::memcpy(p, b.v, 32); }
 inline Bytes low_nibbles(const uint8_t* p) { Bytes b; for (int i = 0; i < 32; ++i) b.v[i] = p[i] & 0x0F; return b; }
 inline Bytes high_nibbles(const uint8_t* p) { Bytes b; for (int i = 0; i < 32; ++i) b.v[i] = p[i] >> 4; return b; }
-inline Bytes add_bits(Bytes c, const uint8_t* p, uint8_t value) {
-  uint32_t bits;
-  std::memcpy(&bits, p, 4);
-  for (int i = 0; i < 32; ++i) if ((bits >> i) & 1) c.v[i] = static_cast<uint8_t>(c.v[i] + value);
-  return c;
+inline void add_bit4(Bytes& lo, Bytes& hi, const uint8_t* bits) {  // value 8p + i: bit p of byte i
+  for (int i = 0; i < 32; ++i) {
+    lo.v[i] = static_cast<uint8_t>(lo.v[i] | (((bits[i % 8] >> (i / 8)) & 1) << 4));
+    hi.v[i] = static_cast<uint8_t>(hi.v[i] | (((bits[i % 8] >> (i / 8 + 4)) & 1) << 4));
+  }
 }
 inline void add_bit_pairs(Bytes& lo, Bytes& hi, const uint8_t* pairs) {  // value 16p + i: pair p of byte i
   for (int i = 0; i < 32; ++i) {
