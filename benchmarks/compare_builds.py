@@ -1,7 +1,7 @@
 """Old build vs new build, same run: single-stream decode (speed.py's measurement) and aggregate
 throughput at 32 concurrent requests (throughput.py's), the builds taking turns.
 
-    .venv/bin/python benchmarks/compare_builds.py --old REV [--new REV_OR_FOLDER] [--rounds 3]
+    .venv/bin/python benchmarks/compare_builds.py --old REV [--new REV_OR_FOLDER] [--rounds 3] [--single-stream] [--tag T]
 
 Revisions are unpacked into a temporary folder (so that edits made while it runs do not leak in);
 `--new` may also be a folder (default: this working tree). Each measurement runs in a fresh process whose `import sugam` is that build's.
@@ -57,20 +57,22 @@ def unpack(revision: str, into: Path) -> Path:
     return into
 
 
-def measure(tree: Path, model: str) -> dict[str, float]:
+def measure(tree: Path, model: str, aggregate: bool = True) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="2")
     result: dict[str, float] = {}
     # The speed child prints which sugam it imported, so that a wrong path cannot go unnoticed.
     speed = subprocess.run([sys.executable, "-c", SPEED_CHILD, str(tree), model],
                            capture_output=True, text=True, env=env, cwd=tree)
-    agg = subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD, str(tree), model],
-                         capture_output=True, text=True, env=env, cwd=tree)
-    for out in (speed, agg):
+    outs = [speed]
+    if aggregate:
+        outs.append(subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD, str(tree), model],
+                                   capture_output=True, text=True, env=env, cwd=tree))
+    for out in outs:
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{tree}: no result\n{out.stderr[-2000:]}")
         result.update(json.loads(line[7:]))
-    return {k: result[k] for k in ("decode_tok_s", "prefill_tok_s", "aggregate_tok_s")}
+    return {k: result.get(k, float("nan")) for k in ("decode_tok_s", "prefill_tok_s", "aggregate_tok_s")}
 
 
 def main() -> None:
@@ -79,6 +81,8 @@ def main() -> None:
     ap.add_argument("--new", default=str(ROOT), help="revision or folder of the build to compare (default: this tree)")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--single-stream", action="store_true", help="skip the 32-request aggregate (the slow part)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. the kernels' build)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -92,14 +96,15 @@ def main() -> None:
         trees = {"old": unpack(args.old, Path(tmp) / "old"), "new": new}
         for _ in range(args.rounds):  # turns: a machine whose speed drifts hurts both alike
             for name, tree in trees.items():
-                runs[name].append(measure(tree, model))
+                runs[name].append(measure(tree, model, not args.single_stream))
                 print(name, runs[name][-1], flush=True)
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     ratios = {k: medians["new"][k] / medians["old"][k] for k in medians["new"]}
     new_rev = args.new if not Path(args.new).is_dir() else subprocess.run(
         ["git", "-C", args.new, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     cpu = cpu_label()
-    lines = [f"# Old vs new build: {args.model}, {cpu}, 2 threads, medians of {args.rounds} rounds in turns", "",
+    isa = os.environ.get("SUGAM_NATIVE_ISA", "the CPU's best")
+    lines = [f"# Old vs new build: {args.model}, {cpu}, kernels: {isa}, 2 threads, medians of {args.rounds} rounds in turns", "",
              f"old = `{args.old}`, new = `{new_rev}`", "",
              "| build | decode tok/s (1 stream) | prefill tok/s (512) | aggregate tok/s (32 concurrent) |",
              "|---|---:|---:|---:|"]
@@ -109,7 +114,7 @@ def main() -> None:
     lines.append(f"| new / old | {ratios['decode_tok_s']:.3f} | {ratios['prefill_tok_s']:.3f} | "
                  f"{ratios['aggregate_tok_s']:.3f} |")
     RESULTS.mkdir(exist_ok=True)
-    stem = f"compare-builds-{Path(model).stem}"
+    stem = f"compare-builds-{Path(model).stem}" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"model": args.model, "cpu": cpu, "old": args.old, "new": new_rev, "runs": runs, "medians": medians,
          "new_over_old": ratios}, indent=2) + "\n")

@@ -161,6 +161,13 @@ def activation_block(qtype: str) -> int:
     return 256 if qtype in ("Q4_K", "Q5_K", "Q6_K") else 32
 
 
+def packed_high_bits() -> str:
+    """How the packed rows (sugam/quant/gguf_pack.py) arrange the bits above the nibbles for the
+    running build: "planes" for AVX-512 (a masked add per plane), "shifts" for the portable builds (a
+    shift per 8 or 16 values; bit planes cost AVX2 a shuffle and a compare each)."""
+    return "planes" if isa() == "avx512" else "shifts"
+
+
 def ggml_type_id(qtype: str) -> int:
     return _GGML_IDS[qtype]
 

@@ -9,11 +9,15 @@
 // values (K % 64 == 0), in this order:
 //   codes   Q8_0: K bytes (code + 128); others: K/2 bytes, chunk c of 64 values in 32 bytes, byte j
 //           holding value 64c+j in its low nibble and 64c+32+j in its high one
-//   high    Q5_0/Q5_1/Q5_K: K/8 bytes, bit 4 of each code (8 bytes a chunk, bit p of byte i
-//           that of value 64c+8p+i: a shift per 8 values decodes them);
-//           Q6_K: K/4 bytes, bits 4 and 5 (16 bytes a chunk, byte i holding those of values
-//           64c+i, +16, +32, +48 in its bit pairs 0-1, 2-3, 4-5, 6-7: a shift per 16 values
-//           decodes them, where bit planes cost a shuffle and a compare each on AVX2); others: none
+//   high    Q5_0/Q5_1/Q5_K: K/8 bytes, bit 4 of each code; Q6_K: K/4 bytes, bits 4 and 5; others:
+//           none. Two arrangements of the same bits (sugam/quant/gguf_pack.py), each for the builds
+//           that decode it with the fewest instructions:
+//           "planes" (this AVX-512 build): one bit plane per bit, 8 little-endian bytes a chunk
+//           each (Q6_K: the bit-4 plane, then the bit-5 plane), one masked add per plane;
+//           "shifts" (the portable builds, portable/core.h): Q5_x 8 bytes a chunk, bit p of byte
+//           i that of value 64c+8p+i; Q6_K 16 bytes a chunk, byte i holding bits 4-5 of values
+//           64c+i, +16, +32, +48 in its bit pairs 0-1, 2-3, 4-5, 6-7: one shift per 8 or 16
+//           values, where AVX2 spends a shuffle and a compare on each bit plane
 //   scales  Q8_0/Q4_0/Q5_0: fp16 d [K/32]; Q4_1/Q5_1: fp16 d [K/32], fp16 m [K/32];
 //           Q4_K/Q5_K: fp16 d [K/256], fp16 dmin [K/256], u8 sc [K/32], u8 m [K/32];
 //           Q6_K: fp16 d [K/256], i8 sc [K/16]

@@ -52,36 +52,26 @@ inline __m512i nibbles64(const uint8_t* p) {
   return _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
 }
 
-// codes | bit 4 of the 64 codes of a Q5_x chunk from their 8 bytes at bits (bit p of byte i: value
-// 8p + i): 64-bit word p of the broadcast keeps bit p of each byte, rotated into bit 4 (left by 4-p).
-inline __m512i add_bit4(__m512i codes, const uint8_t* bits) {
-  uint64_t word;
-  std::memcpy(&word, bits, 8);
-  const __m512i rotated = _mm512_rolv_epi64(_mm512_set1_epi64(static_cast<long long>(word)),
-                                            _mm512_set_epi64(61, 62, 63, 0, 1, 2, 3, 4));
-  return _mm512_ternarylogic_epi32(codes, rotated, _mm512_set1_epi8(0x10), 0xF8);  // codes | (rotated & 0x10)
+// codes + value in the bytes whose bit is set in the 8 bytes at bits: one bit plane of higher code
+// bits (a bit the codes do not have yet, so the addition is an or).
+inline __m512i add_bit_plane(__m512i codes, const uint8_t* bits, int8_t value) {
+  uint64_t mask;
+  std::memcpy(&mask, bits, 8);
+  return _mm512_mask_add_epi8(codes, mask, codes, _mm512_set1_epi8(value));
 }
 
-// codes | bits 4-5 of Q6_K's 64 codes from their 16 bytes at pairs (byte i: values i, 16+i, 32+i,
-// 48+i, two bits each): 128-bit lane L of the broadcast keeps pair L, rotated into bits 4-5 of each
-// 64-bit word (rotation left by 4, 2, 0, 62), and one ternary-logic op masks and merges them.
-inline __m512i add_bit_pairs(__m512i codes, const uint8_t* pairs) {
-  const __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
-  const __m512i bits = _mm512_rolv_epi64(h, _mm512_set_epi64(62, 62, 0, 0, 2, 2, 4, 4));
-  return _mm512_ternarylogic_epi32(codes, bits, _mm512_set1_epi8(0x30), 0xF8);  // codes | (bits & 0x30)
-}
-
-// The 64 unsigned codes of chunk c of a packed row (gguf_matmul.cpp's layout). PLANES: -1 for 8-bit
-// codes (Q8_0, or a row decoded once), else the high bits above the nibbles: 1, bit 4 in 8 bytes a
-// chunk (Q5_x/Q5_K); 2, bits 4 and 5 as pairs in 16 bytes a chunk (Q6_K).
+// The 64 unsigned codes of chunk c of a packed row (gguf_matmul.cpp's layout, the AVX-512 build's
+// "planes" for the high bits). PLANES: -1 for 8-bit codes (Q8_0, or a row decoded once), else the bit
+// planes above the nibbles, 8 bytes each a chunk (Q5_x/Q5_K: bit 4; Q6_K: bits 4 and 5). A plane
+// costs one masked add here; the portable builds' "shifts" layout would cost a rotate and a merge.
 template <int PLANES>
 inline __attribute__((always_inline)) __m512i chunk_codes(const uint8_t* codes, const uint8_t* high, int64_t c) {
   if constexpr (PLANES < 0) {
     return _mm512_loadu_si512(codes + 64 * c);
   } else {
     __m512i v = nibbles64(codes + 32 * c);
-    if constexpr (PLANES == 1) v = add_bit4(v, high + 8 * c);
-    if constexpr (PLANES == 2) v = add_bit_pairs(v, high + 16 * c);
+    if constexpr (PLANES >= 1) v = add_bit_plane(v, high + 8 * PLANES * c, 16);
+    if constexpr (PLANES == 2) v = add_bit_plane(v, high + 16 * c + 8, 32);
     return v;
   }
 }

@@ -80,18 +80,28 @@ def _codes_and_scales(raw: np.ndarray, qtype: str, cols: int) -> tuple[np.ndarra
     raise ValueError(f"no packing for {qtype}")
 
 
-def pack_rows(raw: np.ndarray, qtype: str, cols: int) -> np.ndarray:
-    """GGUF rows (uint8 [rows, file bytes a row]) -> uint8 [rows, packed_row_bytes(qtype, cols)]."""
+def pack_rows(raw: np.ndarray, qtype: str, cols: int, high_bits: str | None = None) -> np.ndarray:
+    """GGUF rows (uint8 [rows, file bytes a row]) -> uint8 [rows, packed_row_bytes(qtype, cols)].
+    high_bits: how the bits above the nibbles are arranged, "planes" or "shifts" (gguf_matmul.cpp
+    describes both); by default the one the running kernels' build reads."""
+    if high_bits is None:
+        from .. import native
+
+        high_bits = native.packed_high_bits()
     if not packable(qtype, cols):
         raise ValueError(f"{qtype} rows of {cols} values cannot be packed for the kernels")
     rows = raw.shape[0]
     codes, scales = _codes_and_scales(np.asarray(raw, dtype=np.uint8), qtype, cols)
     chunks = codes.reshape(rows, -1, 64)
     sections = [codes] if qtype == "Q8_0" else [((chunks[..., :32] & 15) | ((chunks[..., 32:] & 15) << 4)).reshape(rows, -1)]
-    if qtype == "Q6_K":  # per chunk 16 bytes: byte i holds bits 4-5 of values i, 16+i, 32+i, 48+i (2 bits each)
+    planes = _HIGH_PLANES.get(qtype, 0)
+    if planes and high_bits == "planes":  # per chunk one little-endian 64-bit word per bit
+        bits = [np.packbits((chunks >> (4 + p)) & 1, axis=-1, bitorder="little") for p in range(planes)]
+        sections.append(np.concatenate(bits, axis=-1).reshape(rows, -1))
+    elif qtype == "Q6_K":  # per chunk 16 bytes: byte i holds bits 4-5 of values i, 16+i, 32+i, 48+i (2 bits each)
         pairs = ((chunks >> 4) & 3).reshape(rows, -1, 4, 16) << (2 * np.arange(4, dtype=np.uint8))[:, None]
         sections.append(np.bitwise_or.reduce(pairs, axis=2).reshape(rows, -1))
-    elif _HIGH_PLANES.get(qtype):  # per chunk 8 bytes: bit p of byte i is bit 4 of value 8p + i
+    elif planes:  # per chunk 8 bytes: bit p of byte i is bit 4 of value 8p + i
         bits = ((chunks >> 4) & 1).reshape(rows, -1, 8, 8) << np.arange(8, dtype=np.uint8)[:, None]
         sections.append(np.bitwise_or.reduce(bits, axis=2).reshape(rows, -1))
     out = np.concatenate(sections + scales, axis=1)
