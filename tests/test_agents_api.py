@@ -162,6 +162,13 @@ def test_messages_thinking_blocks_and_budget(server):
     assert budget["usage"]["output_tokens"] > 3 or budget["stop_reason"] == "end_turn"
     off = messages(server, temperature=0, thinking=NO_THINKING).json()
     assert "thinking" not in [b["type"] for b in off["content"]]
+    # Claude Code 2.1 asks for adaptive thinking shown as "omitted": the blocks come without their text
+    body = {"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "hello"}],
+            "thinking": {"type": "adaptive", "display": "omitted"}}
+    omitted = post(server, "/v1/messages", body).json()
+    assert omitted["content"][0] == {"type": "thinking", "thinking": "", "signature": ""}
+    _, blocks, _ = anthropic_blocks(stream(server, "/v1/messages", body))
+    assert blocks[0]["type"] == "thinking" and blocks[0].get("thinking", "") == ""
 
 
 def test_messages_stream_matches_whole_answer(server):
@@ -224,7 +231,9 @@ def test_messages_tool_round_trip(server):
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),                   # required
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "system", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": [{"type": "image"}]}]}, 400,
+     "image"),
     ({"temperature": 1.5}, 400, "temperature"),
     ({"top_k": -1}, 400, "top_k"),
     ({"model": "claude-sonnet-4-5"}, 404, "claude-sonnet-4-5"),
@@ -249,7 +258,11 @@ def test_messages_tool_round_trip(server):
                                                                                        "pattern": "("}}}}],
       "tool_choice": {"type": "any"}}, 400, "schema"),
     # unknown fields are ignored (Claude Code sends many), and max_tokens beyond the context is capped
-    ({"cache_control": {"type": "ephemeral"}, "service_tier": "auto", "container": None, "max_tokens": 2}, 200, ""),
+    ({"cache_control": {"type": "ephemeral"}, "service_tier": "auto", "container": None, "max_tokens": 2,
+      "context_management": {"edits": []}, "output_config": {"effort": "high"}}, 200, ""),
+    # system messages between turns (Claude Code 2.1 sends them), as the template takes them
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": [{"type": "text", "text": "s"}]}]},
+     200, ""),
     ({"max_tokens": 100000, "thinking": NO_THINKING, "stop_sequences": ["e"]}, 200, ""),
 ])
 def test_messages_bad_requests_get_anthropic_errors(server, body, status, needle):

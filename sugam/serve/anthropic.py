@@ -63,7 +63,7 @@ class Block(_Body):
 
 
 class InputMessage(_Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]   # Claude Code 2.1 sends system messages between turns
     content: str | list[Block]
 
 
@@ -83,6 +83,7 @@ class ToolChoice(_Body):
 class ThinkingConfig(_Body):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(default=None, ge=0)
+    display: str | None = None       # "omitted": think, but send the thinking blocks without their text
 
 
 class CountTokensRequest(_Body):
@@ -153,6 +154,9 @@ def template_messages(system: str | list[Block] | None, messages: list[InputMess
     names: dict[str, str] = {}  # tool_use id -> tool name, for the results that answer them
     for i, m in enumerate(messages):
         where = f"messages.{i}.content"
+        if m.role == "system":
+            out.append({"role": "system", "content": _text_of(m.content, where)})
+            continue
         blocks = [Block(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
@@ -294,7 +298,8 @@ def router(server: Server) -> APIRouter:
         fmt = ReplyFormat(prompt.opens_thinking, tools is not None, forced is not None,
                           frozenset(t["function"]["name"] for t in tools or []))
         answer = Answer(server, engine, request, jobs[0], fmt, lora, switch.shown, req.stop_sequences or [],
-                        lora.lora_name if lora is not None else (req.model or server.config.model_name))
+                        lora.lora_name if lora is not None else (req.model or server.config.model_name),
+                        omit_thinking=req.thinking is not None and req.thinking.display == "omitted")
         if req.stream:
             return StreamingResponse(answer.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -307,9 +312,11 @@ class Answer:
     """One /v1/messages request's generation, answered whole or as Anthropic's event stream."""
 
     def __init__(self, server: Server, engine: AsyncLLMEngine, request: Request, job: Job, fmt: ReplyFormat,
-                 lora: LoRARequest | None, show_thinking: bool, stops: list[str], model: str):
+                 lora: LoRARequest | None, show_thinking: bool, stops: list[str], model: str,
+                 omit_thinking: bool = False):
         self.server, self.engine, self.request, self.job, self.fmt, self.lora = server, engine, request, job, fmt, lora
         self.show_thinking, self.stops, self.model = show_thinking, stops, model
+        self.omit_thinking = omit_thinking  # thinking blocks go out without their text
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 
     def message(self, content: list[dict[str, Any]], stop: tuple[str | None, str | None],
@@ -327,7 +334,7 @@ class Answer:
         content: list[dict[str, Any]] = []
         for kind, value in self.parts(reply):
             if kind == "reasoning":
-                content.append({"type": "thinking", "thinking": value, "signature": ""})
+                content.append({"type": "thinking", "thinking": "" if self.omit_thinking else value, "signature": ""})
             elif kind == "text":
                 content.append({"type": "text", "text": value})
             else:
@@ -375,6 +382,8 @@ class Answer:
                         start = {"type": "thinking", "thinking": "", "signature": ""} if kind == "reasoning" else {
                             "type": "text", "text": ""}
                         yield _event("content_block_start", {"index": index, "content_block": start})
+                    if kind == "reasoning" and self.omit_thinking:
+                        continue
                     delta = {"type": "thinking_delta", "thinking": value} if kind == "reasoning" else {
                         "type": "text_delta", "text": value}
                     yield _event("content_block_delta", {"index": index, "delta": delta})
