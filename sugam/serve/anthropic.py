@@ -148,14 +148,17 @@ def template_messages(system: str | list[Block] | None, messages: list[InputMess
     """Anthropic's system prompt and messages -> what chat templates expect (OpenAI-style dicts:
     tool calls with object arguments, tool results as `tool` messages after the call they answer)."""
     out: list[dict[str, Any]] = []
-    text = _text_of(system, "system")
+    # System messages between turns join the system prompt: chat templates take one, first (Qwen's
+    # writes a later one as a turn of its own, which small models then echo).
+    systems = [_text_of(system, "system")] + [_text_of(m.content, f"messages.{i}.content")
+                                              for i, m in enumerate(messages) if m.role == "system"]
+    text = "\n\n".join(t for t in systems if t)
     if text:
         out.append({"role": "system", "content": text})
     names: dict[str, str] = {}  # tool_use id -> tool name, for the results that answer them
     for i, m in enumerate(messages):
         where = f"messages.{i}.content"
         if m.role == "system":
-            out.append({"role": "system", "content": _text_of(m.content, where)})
             continue
         blocks = [Block(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         texts: list[str] = []

@@ -143,12 +143,14 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
 
 def template_messages(instructions: str | None, items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """instructions and input -> what chat templates expect (OpenAI chat-style dicts). Consecutive
-    function_call items join the assistant turn before them; their outputs become tool messages."""
+    function_call items join the assistant turn before them; their outputs become tool messages.
+    Every system or developer message joins the instructions in one system message, first: chat
+    templates take one (Qwen's writes later ones as turns of their own, which small models echo),
+    and Codex sends several."""
+    systems = [instructions] if instructions else []
     out: list[dict[str, Any]] = []
-    if instructions:
-        out.append({"role": "system", "content": instructions})
     if isinstance(items, str):
-        return [*out, {"role": "user", "content": items}]
+        items = [{"role": "user", "content": items}]
     if not items:
         raise _bad("give at least one input item", "input")
     names: dict[str, str] = {}  # call_id -> function name
@@ -160,9 +162,12 @@ def template_messages(instructions: str | None, items: str | list[dict[str, Any]
             if role not in ("user", "assistant", "system", "developer"):
                 raise _bad("role must be user, assistant, system or developer", f"{where}.role")
             content = _content_text(item.get("content"), f"{where}.content")
+            if role in ("system", "developer"):
+                systems.append(content)
+                continue
             if role == "assistant":
                 content = without_reasoning(content)
-            out.append({"role": "system" if role == "developer" else role, "content": content})
+            out.append({"role": role, "content": content})
         elif kind == "function_call":
             call_id, name = _string(item, "call_id", where), _string(item, "name", where)
             arguments = item.get("arguments", "{}")
@@ -195,21 +200,25 @@ def template_messages(instructions: str | None, items: str | list[dict[str, Any]
         else:
             raise _bad(f"input items of type {kind!r} are not supported (message, function_call, "
                        "function_call_output and reasoning are)", f"{where}.type")
-    return out
+    system = "\n\n".join(t for t in systems if t)
+    return [{"role": "system", "content": system}, *out] if system else out
 
 
 def template_tools(req: ResponsesRequest) -> list[dict[str, Any]] | None:
+    """The function tools as chat templates take them. Hosted tools (web_search, file_search, mcp,
+    ...), namespaces and custom tools are left out: this server cannot run them and the model
+    cannot call them (Codex sends several, with function tools beside them)."""
     if not req.tools or req.tool_choice == "none":
         return None
     tools = []
     for i, tool in enumerate(req.tools):
         if tool.type != "function":
-            raise _bad(f"tools of type {tool.type!r} are not supported; only function tools are", f"tools.{i}.type")
+            continue
         if not tool.name:
             raise _bad("a function tool needs a name", f"tools.{i}.name")
         tools.append({"type": "function", "function": {"name": tool.name, "description": tool.description or "",
                                                        "parameters": tool.parameters or {"type": "object"}}})
-    return tools
+    return tools or None
 
 
 def _forced_tools(tools: list[dict[str, Any]] | None, choice: Any) -> list[dict[str, Any]] | None:
