@@ -579,6 +579,7 @@ def test_fuzzing_the_agent_routes_finds_no_server_error(server):
     """A bounded, seeded fuzz pass: valid bodies with one to three random changes each; every answer
     is a 200 or a 4xx in the route's own error shape, streams included."""
     rng = random.Random(28)
+    statuses: dict[int, int] = {}
     for path, valid in VALID.items():
         for _ in range(45):
             body = valid
@@ -592,11 +593,14 @@ def test_fuzzing_the_agent_routes_finds_no_server_error(server):
                 r = post(server, path, body)
                 status, data = r.status_code, r.json()
             assert status < 500, (path, body, r.text)
+            statuses[status] = statuses.get(status, 0) + 1
             if status >= 400:
                 if path.startswith("/v1/messages"):
                     assert data["type"] == "error" and data["error"]["message"], (body, data)
                 else:
                     assert data["error"]["message"] and data["error"]["type"], (body, data)
+    # the pass reaches generation as well as validation
+    assert statuses.get(200, 0) >= 10 and sum(n for s, n in statuses.items() if s >= 400) >= 60, statuses
     wait_idle(server)
 
 

@@ -30,6 +30,7 @@ from .chat import (
     Prompt,
     ReplyFormat,
     SamplingOptions,
+    Thinking,
     fit_max_tokens,
     prepare,
     reply_parts,
@@ -264,8 +265,8 @@ def _event(kind: str, data: dict[str, Any]) -> str:
 def router(server: Server) -> APIRouter:
     routes = APIRouter(tags=["anthropic"])
 
-    async def prompt_for(req: CountTokensRequest, engine: AsyncLLMEngine) -> tuple[Prompt, list[dict] | None,
-                                                                                  list[dict] | None, Any]:
+    async def prompt_for(req: CountTokensRequest, engine: AsyncLLMEngine) -> tuple[
+            Prompt, list[dict[str, Any]] | None, list[dict[str, Any]] | None, Thinking]:
         """(the prompt, the template's tools, the tools a grammar forces, the thinking switch)."""
         try:
             messages = template_messages(req.system, req.messages)
