@@ -1,10 +1,12 @@
 """The server's assembly: config, engine loading and readiness, capacity, middleware (body limit,
 auth, request counting), /health, /metrics and the error handlers; the API routes live in their
-own modules (openai.py; ollama.py: the Ollama API under /api/; lora.py: loading adapters at runtime;
-webui.py: the chat page at /) over the chat layer (chat.py).
+own modules (openai.py: chat, completions, embeddings; anthropic.py: the Anthropic Messages API;
+responses.py: the OpenAI Responses API; ollama.py: the Ollama API under /api/; lora.py: loading
+adapters at runtime; webui.py: the chat page at /) over the chat layer (chat.py).
 
-Every error a client can cause is answered with a 4xx, in OpenAI's error shape (Ollama's under /api/); a request that
-ends early for any reason (disconnect, timeout, error) is aborted so its KV blocks return at once.
+Every error a client can cause is answered with a 4xx, in OpenAI's error shape (Ollama's under /api/,
+Anthropic's under /v1/messages); a request that ends early for any reason (disconnect, timeout,
+error) is aborted so its KV blocks return at once.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from ..engine.async_engine import AsyncLLMEngine
 from ..engine.llm_engine import LLMEngine
 from ..engine.runner import describe_path
 from ..lora.adapter import LoRARequest
-from . import lora, ollama, openai, webui
+from . import anthropic, lora, ollama, openai, responses, webui
 from .chat import Chat
-from .errors import REQUEST_ERRORS, APIError, error_response_for, ollama_path
+from .errors import REQUEST_ERRORS, APIError, anthropic_error_body, anthropic_path, error_response_for, ollama_path
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if ollama_path(request.url.path):  # e.g. an unknown /api/ route or a wrong method: Ollama's shape
             return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        if anthropic_path(request.url.path):
+            return JSONResponse(anthropic_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                                headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     @app.middleware("http")
@@ -224,12 +229,13 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
         path = request.url.path
         if path.startswith(("/v1/", "/api/")):
             if config.api_key is not None:
+                # Authorization: Bearer KEY (OpenAI, Ollama) or x-api-key: KEY (Anthropic), on every route
                 header = request.headers.get("authorization", "")
-                given = header[7:] if header.lower().startswith("bearer ") else ""
+                given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
                 if not secrets.compare_digest(given.encode(), config.api_key.encode()):
                     response: Response = error_response_for(path, APIError(
-                        401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
-                        code="invalid_api_key"))
+                        401, "missing or wrong API key (send Authorization: Bearer KEY or x-api-key: KEY)",
+                        "authentication_error", code="invalid_api_key"))
                     server.metrics.requests.labels(path, "401").inc()
                     return response
             if ollama_path(path):
@@ -261,6 +267,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], LLMEngine]) -> Fa
         return Response(server.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     app.include_router(openai.router(server))
+    app.include_router(anthropic.router(server))
+    app.include_router(responses.router(server))
     app.include_router(ollama.router(server))
     app.include_router(lora.router(server))
     app.include_router(webui.router(server))

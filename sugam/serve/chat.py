@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.sequence import CompletionOutput, RequestOutput
+from ..errors import PromptTooLongError
 from ..lora.adapter import LoRARequest
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
@@ -111,6 +112,43 @@ def prepare(engine: AsyncLLMEngine, prompts: list[list[int]], options: SamplingO
         # What generate() will check (ids, length, grammar, adapter); the sequence is discarded.
         engine.engine.create_sequence(ids, params, request_id="check", lora_request=lora)
     return [job for ids in prompts for job in samples(ids, params, options.n)]
+
+
+def fit_max_tokens(context: int, prompt_len: int, max_tokens: int | None) -> int:
+    """The output budget of a request whose prompt has prompt_len tokens: max_tokens capped to the
+    room the context leaves (agents send large max_tokens whatever the model's context; the answer
+    then stops where the context ends, as llama-server and Ollama do). A prompt that fills the
+    context is refused."""
+    room = context - prompt_len
+    if room <= 0:
+        raise PromptTooLongError(f"the prompt has {prompt_len} tokens but the context holds {context}; shorten it")
+    return min(max_tokens or room, room)
+
+
+def model_thinks(engine: AsyncLLMEngine) -> bool:
+    """Whether the model can think: it has <think> tokens and its template knows about them."""
+    e = engine.engine
+    template = e.tokenizer.chat_template or ""
+    return e.think_token_ids is not None and ("<think>" in template or "enable_thinking" in template)
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How a request's thinking switch reaches the template and the engine."""
+    template_kwargs: dict[str, Any] | None = None
+    budget: int | None = None   # the most tokens the thought may take (None: no limit)
+    shown: bool = True          # whether the thought goes back to the client
+
+
+def thinking(engine: AsyncLLMEngine, enabled: bool | None, budget: int | None = None) -> Thinking:
+    """enabled None: the model's default. On a model that does not think the switch changes nothing
+    (agents ask every model to think). Off: through the template where it knows how, and a model
+    that thinks anyway is stopped at once (a budget of 0 makes the engine close </think>)."""
+    if enabled is None or not model_thinks(engine):
+        return Thinking()
+    if not enabled:
+        return Thinking({"enable_thinking": False}, 0, False)
+    return Thinking({"enable_thinking": True}, budget, True)
 
 
 # ---- generation ---------------------------------------------------------------------------------
@@ -272,6 +310,18 @@ class ReplyFormat:
 
     def stream(self) -> ReplyStream:
         return ReplyStream(self)
+
+
+def reply_parts(reply: Reply) -> list[tuple[str, Any]]:
+    """A reply (or a streamed piece of one) as parts in output order: ("reasoning", text),
+    ("text", text), ("tool_call", call). For APIs whose answers are lists of typed blocks."""
+    parts: list[tuple[str, Any]] = []
+    if reply.reasoning:
+        parts.append(("reasoning", reply.reasoning))
+    if reply.content:
+        parts.append(("text", reply.content))
+    parts.extend(("tool_call", call) for call in reply.tool_calls)
+    return parts
 
 
 class ReplyStream:

@@ -1,5 +1,6 @@
-"""HTTP errors in OpenAI's error shape (Ollama's, `{"error": "..."}`, under /api/), and the one mapping
-from what a request can raise to them."""
+"""HTTP errors in OpenAI's error shape (Ollama's, `{"error": "..."}`, under /api/; Anthropic's,
+`{"type": "error", "error": {"type", "message"}}`, under /v1/messages), and the one mapping from what a
+request can raise to them."""
 
 from __future__ import annotations
 
@@ -72,6 +73,33 @@ def ollama_error_response(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
 
+def anthropic_path(path: str) -> bool:
+    """Whether a request path belongs to the Anthropic Messages API."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_error_response(exc: Exception) -> JSONResponse:
+    err = api_error(exc)
+    return JSONResponse(anthropic_error_body(err.status, err.message), status_code=err.status, headers=err.headers)
+
+
 def error_response_for(path: str, exc: Exception) -> JSONResponse:
     """The error in the shape of the API that `path` belongs to."""
-    return ollama_error_response(exc) if ollama_path(path) else error_response(exc)
+    if ollama_path(path):
+        return ollama_error_response(exc)
+    if anthropic_path(path):
+        return anthropic_error_response(exc)
+    return error_response(exc)

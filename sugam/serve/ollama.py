@@ -41,6 +41,7 @@ from .chat import (
     Reply,
     ReplyFormat,
     SamplingOptions,
+    model_thinks,
     prepare,
     without_reasoning,
 )
@@ -274,7 +275,7 @@ def capabilities(engine: AsyncLLMEngine) -> list[str]:
     caps = ["completion"]
     if "tools" in template:
         caps.append("tools")
-    if e.think_token_ids is not None and ("<think>" in template or "enable_thinking" in template):
+    if model_thinks(engine):
         caps.append("thinking")
     if fim_token_ids(e.tokenizer) is not None:
         caps.append("insert")

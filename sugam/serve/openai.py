@@ -1,11 +1,14 @@
-"""The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models over the chat layer, with
+"""The OpenAI API: /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models over the chat layer, with
 OpenAI's response, chunk, logprobs and usage shapes and SSE framing. A request's `model` picks the
 base model or one of the LoRA adapters /v1/models lists (vLLM's convention)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import math
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +24,7 @@ from ..lora.adapter import LoRARequest
 from ..tokenizer import Tokenizer
 from .chat import GenerationTimeout, Job, ReplyFormat, SamplingOptions, prepare, tool_call_schema, without_reasoning
 from .errors import APIError, api_error, error_body
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest, ResponseFormat
 
 if TYPE_CHECKING:
     from .app import Server
@@ -141,7 +144,56 @@ def router(server: Server) -> APIRouter:
         server.metrics.prompt_tokens.inc(prompt_tokens)
         return {**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
+    @routes.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        engine = server.ready_engine()
+        if server.check_model(req.model) is not None:
+            raise APIError(400, f"embeddings come from the base model only; use {server.config.model_name!r}",
+                           param="model")
+        raw = req.input
+        inputs: list[str | list[int]]
+        if isinstance(raw, str) or raw and all(isinstance(t, int) for t in raw):
+            inputs = [raw]  # type: ignore[list-item]
+        else:
+            inputs = list(raw)  # type: ignore[arg-type]
+        if not 1 <= len(inputs) <= MAX_EMBEDDING_INPUTS:
+            raise APIError(400, f"input must hold 1 to {MAX_EMBEDDING_INPUTS} texts or token lists", param="input")
+        hidden = engine.engine.model_config.hidden_size
+        if req.dimensions is not None and req.dimensions > hidden:
+            raise APIError(400, f"dimensions must be in [1, {hidden}], not {req.dimensions}", param="dimensions")
+        tokenizer = engine.engine.tokenizer
+        # Tokenized as /api/embed tokenizes, so both give the same vectors.
+        encoded = await server.chat.off_loop(lambda: [tokenizer.encode(t) if isinstance(t, str) else list(t)
+                                                      for t in inputs])
+        data, tokens = [], 0
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise APIError(400, f"input {i} is empty", param="input")
+            vector = await engine.embed(ids)
+            if req.dimensions is not None:  # cut and normalised again, as OpenAI's shortened embeddings are
+                vector = _normalised(vector[:req.dimensions])
+            tokens += len(ids)
+            data.append({"object": "embedding", "index": i, "embedding": _encoded(vector, req.encoding_format)})
+        server.metrics.prompt_tokens.inc(tokens)
+        return {"object": "list", "data": data, "model": server.config.model_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     return routes
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+def _normalised(vector: list[float]) -> list[float]:
+    norm = math.sqrt(math.fsum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    """float: the list; base64: the little-endian float32 bytes, as OpenAI sends them."""
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
 
 
 # ---- requests -----------------------------------------------------------------------------------

@@ -111,6 +111,15 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
+class EmbeddingRequest(_Lenient):
+    """POST /v1/embeddings: texts, or token ids, one or many."""
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
 class LoadLoRAAdapterRequest(_Lenient):
     """POST /v1/load_lora_adapter (vLLM's body)."""
     lora_name: str = Field(min_length=1)
