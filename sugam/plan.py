@@ -122,10 +122,19 @@ class PlanRow:
         return None if self.memory is None else self.total <= self.memory
 
 
-def kv_bytes_per_token(shape: ModelShape, int8: bool = False) -> int:
-    """bf16: 2 bytes an element; int8 (--kv-cache-dtype int8): 1 byte plus a float32 scale per vector."""
+def cache_element_bytes() -> int:
+    """Bytes of a KV cache element on this machine's CPU: the cache is kept in the compute dtype, bf16
+    where the CPU has bf16 arithmetic and fp32 elsewhere (sugam/hardware.py)."""
+    from .hardware import cpu_compute_dtype
+
+    return cpu_compute_dtype().itemsize
+
+
+def kv_bytes_per_token(shape: ModelShape, int8: bool = False, element_bytes: int = 2) -> int:
+    """element_bytes a cache element (2: bf16, 4: fp32); int8 (--kv-cache-dtype int8): 1 byte plus a
+    float32 scale per vector."""
     elements = shape.kv_elements_per_token_layer
-    per_layer = elements + elements // shape.kv_vector_size * 4 if int8 else elements * 2
+    per_layer = elements + elements // shape.kv_vector_size * 4 if int8 else elements * element_bytes
     return shape.num_layers * per_layer
 
 
@@ -135,15 +144,16 @@ def runtime_bytes(shape: ModelShape) -> int:
 
 
 def plan(shape: ModelShape, context: int, concurrency: int, memory: int | None,
-         kv_int8: bool = False, tensor_parallel_size: int = 1) -> list[PlanRow]:
+         kv_int8: bool = False, tensor_parallel_size: int = 1, kv_element_bytes: int | None = None) -> list[PlanRow]:
     """Memory per device. With tensor parallelism (distributed/sharding.py) each rank holds 1/N of
     every layer and of the KV cache, the embedding whole, and rank 0 the LM head too: the rows are
-    rank 0's, the largest share."""
+    rank 0's, the largest share. kv_element_bytes: by default this CPU's (cache_element_bytes)."""
     n = tensor_parallel_size
     kv_heads = shape.kv_elements_per_token_layer // (2 * shape.kv_vector_size)
     if n < 1 or kv_heads % n:
         raise SugamError(f"--tensor-parallel-size {n} must divide the model's {kv_heads} key/value heads")
-    kv = kv_bytes_per_token(shape, kv_int8) * context * concurrency // n
+    element = kv_element_bytes or cache_element_bytes()
+    kv = kv_bytes_per_token(shape, kv_int8, element) * context * concurrency // n
 
     def per_rank(total: int, bits: float) -> int:
         embeddings = min(total, int(shape.vocab_size * shape.hidden_size * bits / 8) * 2)  # embedding + head
@@ -218,8 +228,10 @@ def resolve_shape(model: str) -> ModelShape:
 def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int,
                 kv_int8: bool = False, tensor_parallel_size: int = 1) -> str:
     gb = 1e9
+    element = cache_element_bytes()
+    kv_format = "int8" if kv_int8 else "bf16" if element == 2 else "fp32: this CPU computes in fp32"
     lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache "
-             f"{kv_bytes_per_token(shape, kv_int8) / 1024:.0f} KiB per token ({'int8' if kv_int8 else 'bf16'}), "
+             f"{kv_bytes_per_token(shape, kv_int8, element) / 1024:.0f} KiB per token ({kv_format}), "
              f"context {context} x {concurrency} sequence(s)"]
     if tensor_parallel_size > 1:
         lines.append(f"per device, tensor parallel over {tensor_parallel_size}: 1/{tensor_parallel_size} of every "
@@ -244,7 +256,7 @@ def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrenc
             lines += ["", f"highest precision that fits: {best.format.name} ({best.total / gb:.1f} GB of "
                           f"{memory / gb:.0f} GB)"]
         else:
-            per_token = kv_bytes_per_token(shape, kv_int8)
+            per_token = kv_bytes_per_token(shape, kv_int8, element)
             smallest = min(rows, key=lambda r: r.total)
             lines += ["", f"does not fit even as {smallest.format.name} ({smallest.total / gb:.1f} GB); "
                           f"the weights alone need {smallest.weights / gb:.1f} GB"]

@@ -27,8 +27,13 @@ def test_published_sizes():
 
 
 def test_qwq_in_4_bit_fits_a_desktop_and_r1_does_not():
-    rows = {r.format.name: r for r in plan(KNOWN["qwq-32b"], context=8192, concurrency=1, memory=24 * 10**9)}
+    # a bf16 KV cache (a CPU with bf16 arithmetic); in fp32 (other CPUs) the cache is twice the size
+    rows = {r.format.name: r for r in plan(KNOWN["qwq-32b"], context=8192, concurrency=1, memory=24 * 10**9,
+                                           kv_element_bytes=2)}
     assert rows["int4"].fits and rows["q4_k_m"].fits and not rows["bf16"].fits
+    fp32 = {r.format.name: r for r in plan(KNOWN["qwq-32b"], context=8192, concurrency=1, memory=24 * 10**9,
+                                           kv_element_bytes=4)}
+    assert fp32["int4"].kv_cache == 2 * rows["int4"].kv_cache
     assert all(not r.fits for r in plan(KNOWN["deepseek-r1"], context=8192, concurrency=1, memory=32 * 10**9))
     assert all(not r.fits for r in plan(KNOWN["deepseek-r1"], context=8192, concurrency=1, memory=256 * 10**9))
     # KV grows with context and concurrency
@@ -46,7 +51,8 @@ def test_int8_kv_prediction_matches_the_engine_pool(tiny_models):
     llm = LLM(str(folder), kv_cache_dtype="int8")
     cfg = llm.engine.model_config
     assert kv_bytes_per_token(shape, int8=True) == engine_kv_bytes(cfg, llm.engine.runner.dtype, True)
-    assert kv_bytes_per_token(shape) == engine_kv_bytes(cfg, llm.engine.runner.dtype)
+    assert kv_bytes_per_token(shape, element_bytes=llm.engine.runner.dtype.itemsize) == engine_kv_bytes(
+        cfg, llm.engine.runner.dtype)
 
 
 def test_plan_cli(tiny_models):
