@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import native
+from .rmsnorm import NATIVE_DTYPES
 
 
 @dataclass
@@ -121,8 +122,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     cache.write(meta.slot_mapping, k, v)
 
     out = torch.empty_like(q)
-    # Decoding sequences in one call of sugam's kernel (bf16 models; fp32 stays the reference path).
-    native_decode = meta.decode_tokens is not None and q.dtype == torch.bfloat16 and head_dim % 16 == 0
+    # Decoding sequences in one call of sugam's kernel, the one the native decoder calls (bf16 or fp32).
+    native_decode = meta.decode_tokens is not None and q.dtype in NATIVE_DTYPES and head_dim % 16 == 0
     if native_decode:
         every_token = len(meta.decode_tokens) == q.shape[0]
         rows = q.contiguous() if every_token else q[meta.decode_tokens]

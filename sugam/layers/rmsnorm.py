@@ -1,7 +1,8 @@
 """RMSNorm, computed in float32 whatever the activation dtype (as the reference does).
 
-bf16 on CPUs that run sugam's kernels takes one native call (sugam/native/layers.cpp) instead of ~8
-PyTorch ops, twice a layer."""
+bf16 and fp32 on CPUs that run sugam's kernels take one native call (sugam/native/layers.cpp) instead
+of ~8 PyTorch ops, twice a layer: the very function the native decoder calls, so a token computed by
+either path gets the same bits (batch invariance needs that)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 from torch import nn
 
 from .. import native
+
+# Activation dtypes sugam's native layer ops take.
+NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -18,7 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.is_cpu and x.shape[-1] % 16 == 0 and native.available():
+        if x.dtype in NATIVE_DTYPES and x.is_cpu and x.shape[-1] % 16 == 0 and native.available():
             return native.rms_norm(x.contiguous(), self.weight, self.eps)  # one call, same math
         dtype = x.dtype
         x = x.float()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import native
+from .rmsnorm import NATIVE_DTYPES
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None,
@@ -93,7 +94,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim], rotated in the split-halves layout HF checkpoints use."""
-    if (x.dtype == torch.bfloat16 and cos.dtype == x.dtype and x.is_cpu and x.shape[-1] % 32 == 0
+    if (x.dtype in NATIVE_DTYPES and cos.dtype == x.dtype and x.is_cpu and x.shape[-1] % 32 == 0
             and native.available()):  # one call instead of ~6 ops, same rounding
         return native.rotary(x.contiguous(), cos.reshape(x.shape[0], -1), sin.reshape(x.shape[0], -1))
     half = x.shape[-1] // 2

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..layers.attention import AttentionMetadata, KVCache, paged_attention
 from ..layers.projection import ProjectionGroup
-from ..layers.rmsnorm import RMSNorm
+from ..layers.rmsnorm import NATIVE_DTYPES, RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..quant import Int4Weight, Int8Weight, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from ..quant.formats import GGUFRows, PackedGGUFWeight
@@ -84,7 +84,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if gate_up.dtype == torch.bfloat16 and gate_up.is_cpu and gate_up.shape[-1] % 32 == 0 and native.available():
+        if gate_up.dtype in NATIVE_DTYPES and gate_up.is_cpu and gate_up.shape[-1] % 32 == 0 and native.available():
             return self.down_proj(native.silu_mul(gate_up))  # one call instead of three ops
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
