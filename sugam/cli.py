@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences generated at once (default 64)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="never share KV blocks between requests with a common prompt prefix (benchmarks)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens never depend on the others running with it (quantized weights on a "
+                        "CPU; prompts take a few %% longer, docs/BATCH_INVARIANCE.md)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before new requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
@@ -427,7 +430,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                                  speculative=_speculative(args), enable_lora=enable_lora, max_loras=args.max_loras,
                                  max_lora_rank=args.max_lora_rank, tensor_parallel_size=args.tensor_parallel_size,
-                                 cpus_per_rank=args.cpus_per_rank, distributed_timeout=args.distributed_timeout)
+                                 cpus_per_rank=args.cpus_per_rank, distributed_timeout=args.distributed_timeout,
+                                 batch_invariant=args.batch_invariant)
     if args.tensor_parallel_size < 1:
         raise SugamError("--tensor-parallel-size must be at least 1")
 

@@ -126,9 +126,10 @@ class LLM:
                  quantization: str = "auto", kv_cache_dtype: str = "auto", download: bool = True,
                  speculative_config: dict[str, Any] | SpeculativeConfig | None = None,
                  enable_lora: bool = False, max_loras: int = 4, max_lora_rank: int = 16,
-                 tensor_parallel_size: int = 1, cpus_per_rank: int | None = None):
+                 tensor_parallel_size: int = 1, cpus_per_rank: int | None = None, batch_invariant: bool = False):
         """`enable_lora`: serve LoRA adapters (pass `lora_request=LoRARequest(name, id, path)` to
-        generate / chat / stream; up to `max_loras` adapters in one batch, ranks up to `max_lora_rank`)."""
+        generate / chat / stream; up to `max_loras` adapters in one batch, ranks up to `max_lora_rank`).
+        `batch_invariant`: a request's tokens never depend on what else runs (docs/BATCH_INVARIANCE.md)."""
         self.model_path = resolve(model, download=download)
         self.engine = load_engine(
             self.model_path, dtype, device,
@@ -137,7 +138,7 @@ class LLM:
                          enable_prefix_caching=enable_prefix_caching, quantization=quantization,
                          kv_cache_dtype=kv_cache_dtype, enable_lora=enable_lora, max_loras=max_loras,
                          max_lora_rank=max_lora_rank, tensor_parallel_size=tensor_parallel_size,
-                         cpus_per_rank=cpus_per_rank,
+                         cpus_per_rank=cpus_per_rank, batch_invariant=batch_invariant,
                          speculative=speculative_config if isinstance(speculative_config, SpeculativeConfig)
                          else SpeculativeConfig.parse(speculative_config)),
             download=download)

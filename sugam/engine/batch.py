@@ -35,6 +35,7 @@ class BatchEntry:
     rows_as_decodes: bool = False
     lora_slot: int | None = None     # the LoRA slot its rows use (None: the base model)
     lora_rank: int = 0               # that adapter's rank
+    prompt: bool = True              # prompt (or recomputed) tokens, not a new output token and its guesses
 
 
 @dataclass
@@ -102,5 +103,6 @@ class ForwardBatch:
         return cls.build([BatchEntry(s.token_ids(), s.start, s.seq.block_table, s.num_logits,
                                      rows_as_decodes=bool(s.draft_token_ids) and s.num_new_tokens == 1,
                                      lora_slot=lora_slots[s.seq.lora] if lora_slots and s.seq.lora else None,
-                                     lora_rank=s.seq.lora.adapter.max_rank if s.seq.lora else 0)
+                                     lora_rank=s.seq.lora.adapter.max_rank if s.seq.lora else 0,
+                                     prompt=not (s.num_new_tokens == 1 and s.seq.output_token_ids))
                           for s in output.scheduled], block_size, device)

@@ -90,6 +90,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1           # ranks each layer is split over (docs/DISTRIBUTED.md)
     cpus_per_rank: int | None = None        # CPU threads per rank (default: an equal share)
     distributed_timeout: float = 60.0       # seconds a collective may wait for a rank before failing
+    batch_invariant: bool = False           # a request's tokens never depend on the rest of the batch (docs/BATCH_INVARIANCE.md)
 
 
 def available_memory(device: torch.device) -> int:
@@ -123,7 +124,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(checkpoint.tokenizer)
         self.generation_defaults = checkpoint.generation
         self.eos_token_ids = list(checkpoint.generation.eos_token_ids or checkpoint.config.eos_token_ids)
-        self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization, tp=tp)
+        self.runner = ModelRunner(checkpoint, device, dtype, self.config.quantization, tp=tp,
+                                  batch_invariant=self.config.batch_invariant)
         self.loras: LoRAManager | None = None
         if self.config.enable_lora:
             self.loras = self.runner.enable_lora(self.config.max_loras, self.config.max_lora_rank)
@@ -153,7 +155,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks, bs, kv_int8)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.max_loras if cfg.enable_lora else None)
+                                   cfg.max_loras if cfg.enable_lora else None, cfg.batch_invariant)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), context %d",
                  num_blocks, bs, num_blocks * bs, num_blocks * bs * per_token / 2**20, self.max_model_len)
 

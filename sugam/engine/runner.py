@@ -2,7 +2,8 @@
 
 `execute(ForwardBatch)` is the one place that chooses how a step runs: through the native decoder
 (all layers in one C++ call) when the model declares it and the step is one it takes, else
-through the Python layers. Models come from the registry by architecture (models/registry.py).
+through the Python layers. With batch invariance on, it also names the path of every row of the
+step (decode rows: the kernels; prompt rows: the GEMM in fixed tiles; quant/linear.py rows_path). Models come from the registry by architecture (models/registry.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .. import native as native_kernels
 from ..config import ModelConfig
 from ..distributed.parallel import BATCH, KV_CACHE, STOP, TensorParallel, split_layers
 from ..distributed.sharding import ShardPlan, channel_unit
+from ..errors import SugamError
 from ..hardware import cpu_model, native_bf16
 from ..layers.attention import KVCache
 from ..loader.base import LoadedCheckpoint
@@ -26,7 +28,7 @@ from ..models.native_decode import NativeDecoder
 from ..models.registry import model_class
 from ..quant.arena import gather_quantized_weights, return_freed_memory
 from ..quant.formats import int4_layout
-from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear
+from ..quant.linear import GGUFRowEmbedding, QuantizedEmbedding, QuantizedLinear, rows_path
 from ..quant.policy import checkpoint_mode, weight_chooser
 from .batch import ForwardBatch
 from .lora_manager import LoRAManager
@@ -41,9 +43,11 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, int8: bool = False)
 
 class ModelRunner:
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                 quantization: str = "auto", tp: TensorParallel | None = None):
+                 quantization: str = "auto", tp: TensorParallel | None = None, batch_invariant: bool = False):
         """`tp`: this process's place in a tensor-parallel group; the runner then holds this rank's
-        share of every layer (distributed/sharding.py) and rank 0 sends each step to the others."""
+        share of every layer (distributed/sharding.py) and rank 0 sends each step to the others.
+        `batch_invariant`: a row's result never depends on the other rows of its step (the scheduler
+        keeps prompt chunks and decode rows in separate steps)."""
         self.config = checkpoint.config
         self.device, self.dtype = device, dtype
         self.tp = tp
@@ -74,11 +78,25 @@ class ModelRunner:
         self.native_decoder_steps = 0      # steps it ran (for tests and the curious)
         self.lora: LoRAManager | None = None
         self.model = model.eval()
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            self._check_batch_invariant()
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in itertools.chain(model.parameters(), model.buffers()))
         return_freed_memory()
         self.kv_caches: list[KVCache] = []
         self.block_size = 0
+
+    def _check_batch_invariant(self) -> None:
+        """Batch invariance rests on sugam's CPU kernels and tiles of the quantized matmuls; dense
+        matrices (PyTorch's GEMMs block by the number of rows) and other devices do not have it."""
+        dense = [name for name, m in self.model.named_modules() if type(m) is nn.Linear]
+        if self.device.type != "cpu" or dense or self.tp is not None:
+            why = (f"the device is {self.device.type}" if self.device.type != "cpu"
+                   else "tensor parallelism is on" if self.tp is not None
+                   else f"{len(dense)} matrices are dense ({dense[0]}, ...; quantization {self.quantization!r})")
+            raise SugamError(f"batch invariance needs quantized matrices on a CPU, one process (gguf, int8 or int4 "
+                             f"weights), but {why}")
 
     def execution_path(self) -> dict[str, Any]:
         """What this model runs on, as chosen at load: device and CPU, kernels, weight formats (matrices
@@ -128,12 +146,21 @@ class ModelRunner:
             self.tp.send(BATCH, batch.message())
         if self.lora is not None:
             self.lora.set_batch(batch.lora_groups)
+        path = self._rows_path(batch)
         decoder = self.native_decoder
-        if decoder is not None and not decoder.runs(batch.num_tokens, batch.attention):
+        if decoder is not None and (path == "gemm" or not decoder.runs(batch.num_tokens, batch.attention,
+                                                                       any_size=self.batch_invariant)):
             decoder = None
         if decoder is not None:
             self.native_decoder_steps += 1
-        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attention, decoder)
+        with rows_path(path):
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attention, decoder)
+
+    def _rows_path(self, batch: ForwardBatch) -> str | None:
+        """The path every row of the step takes under batch invariance (None: chosen by size)."""
+        if not self.batch_invariant:
+            return None
+        return "gemm" if any(entry.prompt for entry in batch.entries) else "kernels"
 
     def follow(self) -> None:
         """A tensor-parallel rank other than 0: run the steps rank 0 sends until it says stop."""
@@ -157,7 +184,8 @@ class ModelRunner:
         hidden = self.forward(batch)
         if batch.logits_indices.numel() == 0:
             return None
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        with rows_path("kernels" if self.batch_invariant else None):  # the head: always the kernels
+            return self.model.compute_logits(hidden[batch.logits_indices])
 
 
 def format_weights(weights: dict[str, int]) -> str:

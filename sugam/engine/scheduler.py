@@ -26,6 +26,11 @@ from .sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
+# Batch invariance cuts prompts into chunks at multiples of this many tokens (at most the step's
+# budget), and the prefix cache serves whole chunks: coarse enough that a long prompt takes few
+# steps (its matmuls run in tiles of 32 rows anyway), fine enough to reuse most of a chat's history.
+INVARIANT_CHUNK_TOKENS = 256
+
 
 @dataclass
 class ScheduledSequence:
@@ -83,9 +88,17 @@ class SchedulerCounts:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_loras: int | None = None):
-        """`max_loras`: the most LoRA adapters running requests may use at once (the model's slots)."""
+                 max_loras: int | None = None, batch_invariant: bool = False):
+        """`max_loras`: the most LoRA adapters running requests may use at once (the model's slots).
+        `batch_invariant`: a step holds prompt chunks or decode rows, never both (the two take different
+        paths through the matmuls, engine/runner.py); with work of both kinds the steps alternate."""
         self.block_manager = block_manager
+        self.batch_invariant = batch_invariant
+        self._last_kind = "decode"
+        # Batch invariance also fixes where a prompt is cut into chunks (and how much of it the prefix
+        # cache may serve): at multiples of this many tokens, whatever shares the step, so that every
+        # chunk's attention is the same call alone or in a batch.
+        self.invariant_chunk = min(INVARIANT_CHUNK_TOKENS, max_num_batched_tokens)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_loras = max_loras
@@ -154,6 +167,20 @@ class Scheduler:
         its newest one; room is reserved where the token budget and free blocks allow (a guess
         never preempts anybody)."""
         self._apply_door()
+        if not self.batch_invariant:
+            return self._schedule(lookahead, None)
+        kinds = ("decode", "prompt") if self._last_kind == "prompt" else ("prompt", "decode")
+        preempted: list[Sequence] = []
+        for kind in kinds:
+            output = self._schedule(lookahead, kind)
+            preempted += output.preempted
+            if output.scheduled:
+                self._last_kind = kind
+                break
+        return replace(output, preempted=preempted)
+
+    def _schedule(self, lookahead: Callable[[Sequence], int] | None, kind: str | None) -> SchedulerOutput:
+        """One step's work; `kind` "prompt" or "decode" takes only that kind of sequence (None: both)."""
         bm, budget = self.block_manager, self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
@@ -162,7 +189,13 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted below to make room for an older one
                 continue
+            if kind is not None and (kind == "decode") != _decodes(seq):
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if kind == "prompt":
+                n = self._invariant_chunk(seq.num_computed_tokens, seq.num_tokens)
+                if n > budget:
+                    continue  # cut only at the fixed places: it waits for a step with room
             if n <= 0:
                 continue
             while not bm.can_grow(seq, seq.num_computed_tokens + n):
@@ -182,13 +215,20 @@ class Scheduler:
                         extra = 0
                 scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, n, extra))
                 budget -= n + extra
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while kind != "decode" and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self._lora_fits(seq):
                 break  # its adapter would need a slot that running requests hold
             prefix = bm.lookup_prefix(seq)
+            if kind == "prompt":  # the cache serves whole chunks only
+                served = len(prefix) * bm.block_size // self.invariant_chunk * self.invariant_chunk
+                prefix = prefix[:served // bm.block_size] if served % bm.block_size == 0 else []
             computed = max(seq.num_computed_tokens, len(prefix) * bm.block_size)
             n = min(seq.num_tokens - computed, budget)
+            if kind == "prompt":
+                n = self._invariant_chunk(computed, seq.num_tokens)
+                if n > budget:
+                    break
             if not bm.can_admit(seq, prefix, computed + n):
                 break
             self.waiting.popleft()
@@ -202,6 +242,10 @@ class Scheduler:
         scheduled = [s for s in scheduled if s.seq.status == SequenceStatus.RUNNING]
         self._publish_counts()
         return SchedulerOutput(scheduled, preempted)
+
+    def _invariant_chunk(self, computed: int, total: int) -> int:
+        """Tokens of the next prompt chunk from `computed` on, up to the next fixed boundary."""
+        return min(total - computed, self.invariant_chunk - computed % self.invariant_chunk)
 
     def update(self, output: SchedulerOutput, num_kept: list[int] | None = None) -> None:
         """After the step: each scheduled sequence keeps the K/V of its first `num_kept[i]` computed
@@ -257,6 +301,11 @@ class Scheduler:
             waiting = tuple(sorted({s.lora.name for s in (*self.waiting, *self._submitted) if s.lora is not None}))
             self._counts = SchedulerCounts(len(self.waiting) + len(self._submitted), len(self.running),
                                            running, waiting)
+
+
+def _decodes(seq: Sequence) -> bool:
+    """Whether the sequence's next step computes one new output token (not a prompt or a recompute)."""
+    return seq.num_tokens - seq.num_computed_tokens == 1 and bool(seq.output_token_ids)
 
 
 def _mark_aborted(seq: Sequence) -> None:

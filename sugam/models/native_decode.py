@@ -88,10 +88,11 @@ class NativeDecoder:
                     return None
         return cls(model)
 
-    def runs(self, tokens: int, meta: AttentionMetadata) -> bool:
-        """Whether a step is one the native decoder takes (one new token per sequence)."""
+    def runs(self, tokens: int, meta: AttentionMetadata, any_size: bool = False) -> bool:
+        """Whether a step is one the native decoder takes (one new token per sequence; `any_size`:
+        however many, as batch invariance keeps every decode row on the kernels)."""
         return (meta.decode_tokens is not None and len(meta.decode_tokens) == tokens
-                and tokens <= packed_kernel_max_rows())
+                and (any_size or tokens <= packed_kernel_max_rows()))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:

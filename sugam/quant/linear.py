@@ -13,17 +13,23 @@ The kernels cost grows linearly with the rows (they are GEMV kernels). Dequantiz
 Qwen2.5-0.5B body takes ~40 ms (int8 ~18 G weights/s: one conversion pass, the row scale applied
 to the product; int4 ~2.6 G weights/s), so the switch sits at 32 rows.
 
-Which path a row takes changes its last bits (the bf16 GEMM and the kernels each give a row the
-same result whatever the batch size, but not the same as each other). Seeded requests therefore
-compute their whole prompt (engine/block_manager.py), so that they repeat exactly.
+Which path a row takes changes its last bits (the kernels give a row the same result whatever the
+batch size; the GEMM's blocking, and so its sums, change with the number of rows). Seeded requests
+therefore compute their whole prompt (engine/block_manager.py), so that they repeat exactly. With
+batch invariance on (EngineConfig.batch_invariant) the engine names the kind of each step
+(`rows_path`): decode rows always take the kernels, prompt rows always the GEMM in padded tiles of
+INVARIANT_TILE_ROWS, so a row's bits never depend on what else is in the batch.
 
 Other devices than the CPU dequantize the weight for every call: correct, not fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +67,49 @@ def packed_kernel_max_rows() -> int:
     if override:
         return int(override)
     return AVX512_MAX_ROWS if native.isa() == "avx512" else PORTABLE_MAX_ROWS
+
+
+# Batch invariance: the path every row of the current step takes (None: chosen by the number of rows).
+_rows_path: ContextVar[str | None] = ContextVar("sugam_rows_path", default=None)
+# Prompt rows go through the GEMM in tiles of this many rows, the last one padded: a GEMM of a fixed
+# shape sums each row the same way wherever it sits in the tile, while its blocking changes with the
+# number of rows. Measured with rows permuted (tests/test_batch_invariance.py checks it on each machine):
+# tiles of 32 and 64 keep every row's bits for fp32 and bf16 at 1 and 2 threads, 128 does not; 64 rows
+# prefill 1.5x faster than 32 (fp32, Ice Lake).
+INVARIANT_TILE_ROWS = 64
+
+
+@contextlib.contextmanager
+def rows_path(path: str | None) -> Iterator[None]:
+    """Within the block, quantized matmuls send every row to "kernels" or to the "gemm" in fixed
+    tiles (None: by the number of rows, the fastest)."""
+    if path not in (None, "kernels", "gemm"):
+        raise ValueError(f"rows_path: {path!r}")
+    token = _rows_path.set(path)
+    try:
+        yield
+    finally:
+        _rows_path.reset(token)
+
+
+def _in_tiles(x: torch.Tensor, gemm) -> torch.Tensor:
+    """gemm(x) with x padded by zero rows to whole INVARIANT_TILE_ROWS tiles (the GEMMs then multiply
+    tile by tile, _matmul_rows), the padding's rows dropped from the result."""
+    rows, tile = x.shape[0], INVARIANT_TILE_ROWS
+    if rows % tile:
+        x = torch.cat([x, x.new_zeros(tile - rows % tile, x.shape[1])])
+    return gemm(x)[:rows]
+
+
+def _matmul_rows(x: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w_t (into `out`): at once, or under batch invariance one fixed tile of rows at a time."""
+    if _rows_path.get() != "gemm":
+        return torch.matmul(x, w_t, out=out)
+    if out is None:
+        out = x.new_empty(x.shape[0], w_t.shape[1])
+    for start in range(0, x.shape[0], INVARIANT_TILE_ROWS):
+        torch.matmul(x[start:start + INVARIANT_TILE_ROWS], w_t, out=out[start:start + INVARIANT_TILE_ROWS])
+    return out
 
 
 # Larger matrices (the LM head) are dequantized and multiplied this many values at a time.
@@ -140,7 +189,7 @@ def _dequantized_matmul(x: torch.Tensor, weight: Int8Weight | Int4Weight) -> tor
     and multiplied by the GEMM, a chunk of output rows at a time (bounded buffer for any matrix)."""
     def product(part: Int8Weight | Int4Weight) -> torch.Tensor:
         transposed, out_scale = _dequantized_transpose(part, x.dtype, x.device)
-        out = x @ transposed
+        out = _matmul_rows(x, transposed)
         return out if out_scale is None else out.mul_(out_scale)
 
     n, k = weight.shape
@@ -166,8 +215,17 @@ def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
     packed_kernel_max_rows() rows, else dequantize + GEMM in x's dtype (bf16 or fp32), in row chunks of
     the weight (a vocabulary-sized head never needs a full copy). Takes the weight's parts, not a
     PackedGGUFWeight: decode calls it ~100 times a token."""
-    if x.shape[0] <= packed_kernel_max_rows():
+    path = _rows_path.get()
+    if path == "kernels" or (path is None and x.shape[0] <= packed_kernel_max_rows()):
         return native.gguf_matmul(x, packed, qtype, cols, bias)
+    if path == "gemm":
+        return _in_tiles(x, lambda padded: _packed_gemm(padded, packed, qtype, cols, bias))
+    return _packed_gemm(x, packed, qtype, cols, bias)
+
+
+def _packed_gemm(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """_packed_matmul's dequantize + GEMM."""
     n = packed.shape[0]
     compute = _gemm_dtype(x.dtype)
     xc = x.to(compute)
@@ -177,7 +235,7 @@ def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, qtype: str, cols: int,
         rows = packed[start:start + step]
         buffer = _dequant_buffer.get(rows.shape[0] * cols, x.device, compute).view(-1, cols)
         w = native.gguf_dequantize(rows, qtype, cols, buffer)
-        torch.matmul(xc, w.t(), out=out[:, start:start + rows.shape[0]])
+        _matmul_rows(xc, w.t(), out=out[:, start:start + rows.shape[0]])
     if bias is not None:
         out += bias
     return out.to(x.dtype)
@@ -190,6 +248,12 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     dtype = x.dtype
     if x.device.type != "cpu":
         return F.linear(x.to(torch.bfloat16), weight.dequantize(torch.bfloat16)).to(dtype)
+    path = _rows_path.get()
+    if path == "kernels":
+        parts = [_kernel_matmul(rows.to(torch.bfloat16), weight) for rows in x.split(KERNEL_MAX_ROWS)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
+    if path == "gemm":
+        return _in_tiles(x.to(_gemm_dtype(dtype)), lambda padded: _dequantized_matmul(padded, weight)).to(dtype)
     if x.shape[0] > KERNEL_MAX_ROWS:
         return _dequantized_matmul(x.to(_gemm_dtype(dtype)), weight).to(dtype)
     return _kernel_matmul(x.to(torch.bfloat16), weight).to(dtype)
@@ -199,7 +263,13 @@ def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """The LM head: few rows (one per sampling sequence) times a vocabulary-sized matrix. Always the
     kernels, 32 rows at a time: dequantizing a 150k-row head would need a buffer of its size in bf16
     (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch.
-    (A packed GGUF head dequantizes in row chunks instead, see _packed_matmul.)"""
+    (A packed GGUF head dequantizes in row chunks instead, see _packed_matmul, except with batch
+    invariance on: then the kernels, which give a row the same logits whatever the batch.)"""
+    if _rows_path.get() is not None:  # batch invariance: the head's rows always take the kernels
+        if isinstance(weight, PackedGGUFWeight):
+            return native.gguf_matmul(x, weight.packed, weight.qtype, weight.cols)
+        with rows_path("kernels"):
+            return quantized_matmul(x, weight)
     if isinstance(weight, PackedGGUFWeight):
         return _packed_matmul(x, weight.packed, weight.qtype, weight.cols)
     parts = [quantized_matmul(rows, weight) for rows in x.split(KERNEL_MAX_ROWS)]
@@ -230,7 +300,8 @@ class QuantizedLinear(nn.Module):
         if self.weight_format == "packed":
             out = _packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
-        if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu:
+        if (x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_cpu
+                and _rows_path.get() != "gemm"):
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,
             # each costing microseconds of dispatch, so the ops around the kernel matter).
             out = _kernel_matmul(x, self.quantized_weight)
