@@ -49,6 +49,7 @@ class NativeDecoder:
 
     def __init__(self, model: nn.Module):
         cfg = model.config
+        self.dtype = next(model.parameters()).dtype
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.intermediate, self.eps = cfg.intermediate_size, cfg.rms_norm_eps
         self.scale = cfg.head_dim ** -0.5
@@ -92,7 +93,7 @@ class NativeDecoder:
         """Whether a step is one the native decoder takes (one new token per sequence; `any_size`:
         however many, as batch invariance keeps every decode row on the kernels)."""
         return (meta.decode_tokens is not None and len(meta.decode_tokens) == tokens
-                and (any_size or tokens <= packed_kernel_max_rows()))
+                and (any_size or tokens <= packed_kernel_max_rows(self.dtype)))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:
