@@ -58,8 +58,8 @@ KERNEL_MAX_ROWS = 32
 AVX512_MAX_ROWS = 16
 # Where the CPU lacks bf16 arithmetic the GEMM computes in fp32, at about half the speed, while the
 # kernels are int8 either way: on an Ice Lake Xeon (AVX-512 VNNI, no BF16), one layer at 2 threads,
-# kernels / GEMM time 0.38 / 1.11 (0.5B) and 0.51 / 0.81 (1.5B) at 32 / 64 rows.
-AVX512_FP32_MAX_ROWS = 64
+# kernels / GEMM time 0.49 / 0.93 / 1.11 (0.5B) and 0.37 / 0.64 / 1.09 (1.5B) at 16 / 32 / 64 rows.
+AVX512_FP32_MAX_ROWS = 48
 PORTABLE_MAX_ROWS = 128
 
 
