@@ -53,6 +53,29 @@ def test_penalties_change_the_output(llm):
     assert len(set(repeat)) > len(set(plain))
 
 
+def test_the_repetition_penalty_sees_every_distinct_token_as_the_sequence_grows_and_rolls_back(llm):
+    """The sampler keeps a sequence's distinct tokens a step at a time; they must always be exactly
+    set(prompt + output), also after output tokens are taken back (speculation, stop strings)."""
+    from sugam.engine.sampler import SeenTokens
+
+    engine = llm.engine
+    seq = engine.add_request([5, 17, 42, 5], SamplingParams(temperature=0, repetition_penalty=1.3))
+
+    def seen() -> set[int]:
+        return set(SeenTokens.of(seq, torch.device("cpu")).tolist())
+
+    assert seen() == {5, 17, 42}
+    for token in (42, 99, 7, 99):
+        seq.output_token_ids.append(token)
+        assert seen() == set(seq.all_token_ids)
+        assert len(SeenTokens.of(seq, torch.device("cpu"))) == len(set(seq.all_token_ids))  # no duplicates
+    del seq.output_token_ids[1:]  # what OutputProcessor.rollback does, which also drops the state
+    seq.seen_tokens = None
+    seq.output_token_ids.append(8)
+    assert seen() == {5, 17, 42, 8}
+    engine.abort_request(seq.request_id)
+
+
 def test_max_tokens_stop_ids_and_stop_strings(llm):
     out = tokens(llm, temperature=0, max_tokens=7, ignore_eos=True)
     assert len(out.token_ids) == 7 and out.finish_reason == "length"

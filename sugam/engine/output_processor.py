@@ -129,6 +129,7 @@ class OutputProcessor:
         seq.status, seq.finish_reason, seq.stop_reason = oldest.status, oldest.finish_reason, oldest.stop_reason
         kept = len(seq.output_token_ids) - count
         del seq.output_token_ids[kept:]
+        seq.seen_tokens = None
         del state.new_token_ids[len(state.new_token_ids) - count:]
         if seq.logprobs is not None:
             del seq.logprobs[kept:]

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..tokenizer import IncrementalDetokenizer
     from .lora_manager import LoadedLoRA
     from .output_processor import Checkpoint
+    from .sampler import SeenTokens
     from .speculative import SpeculationState
     from .structured import GrammarMatcher
 
@@ -103,6 +104,9 @@ class Sequence:
         # Speculative decoding: tokens whose K/V the draft model holds, and how many to guess next.
         self.num_draft_computed_tokens = 0
         self.speculation: SpeculationState | None = None
+        # The sampler's running set of distinct tokens, for the repetition penalty (None: not built;
+        # a rollback of output tokens drops it).
+        self.seen_tokens: SeenTokens | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
