@@ -2,14 +2,14 @@
 same tokens), medians of --rounds with the configurations taking turns.
 
     .venv/bin/python benchmarks/speculative.py [--target qwen2.5-coder-1.5b-instruct]
-        [--draft qwen2.5-coder-0.5b-instruct] [--max-tokens 384] [--rounds 2]
+        [--draft qwen2.5-coder-0.5b-instruct] [--max-tokens 384] [--rounds 2] [--concurrency 8 32] [--no-draft] [--tag T]
 
 Cases: (a) code editing: the prompt holds ~150 lines of Python (this repository's block manager)
-and asks for the whole file back with one method renamed; (b) 8 such requests at once (aggregate
-decode tok/s once every prompt is in); (c) free prose with nothing to look up; (d) the draft model guessing for the target on
+and asks for the whole file back with one method renamed; (b) 8 and 32 such requests at once
+(--concurrency; aggregate decode tok/s once every prompt is in); (c) free prose with nothing to look up; (d) the draft model guessing for the target on
 (a) and (c). Configurations: plain, ngram (prompt lookup), draft. Then (e): from the measured
 acceptance and the bytes each model reads per token, the speed-up to expect for QwQ-32B drafted
-by Qwen2.5-0.5B. Writes benchmarks/results/speculative-TARGET.json and .md.
+by Qwen2.5-0.5B. Writes benchmarks/results/speculative-TARGET[-TAG].json and .md.
 """
 
 from __future__ import annotations
@@ -86,12 +86,17 @@ def main() -> None:
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
+                    help="concurrent code edits in the batch cases (aggregate decode)")
+    ap.add_argument("--no-draft", action="store_true", help="skip the draft-model configuration")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. the machine)")
     args = ap.parse_args()
 
     configs = {"plain": None, "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4},
                "draft": {"model": args.draft, "num_speculative_tokens": 4}}
-    llms = {name: LLM(args.target, max_num_seqs=args.concurrency, speculative_config=spec)
+    if args.no_draft:
+        del configs["draft"]
+    llms = {name: LLM(args.target, max_num_seqs=max(args.concurrency), speculative_config=spec)
             for name, spec in configs.items()}
     plain = llms["plain"]
     prompts = {"code editing": plain.chat_prompt(EDIT), "free prose": plain.chat_prompt(PROSE)}
@@ -109,14 +114,18 @@ def main() -> None:
                     {"tok_s": speed, "tokens": tokens, "drafted": d - drafted, "accepted": a - accepted,
                      "steps": st - steps})
                 print(case, name, f"{speed:.1f} tok/s", f"accepted {a - accepted}/{d - drafted}", flush=True)
-        batch = [prompts["code editing"]] * args.concurrency
-        for name, llm in llms.items():
-            if name == "draft":
-                continue
-            tokens, speed = batch_decode(llm, batch, args.max_tokens)
-            rows.setdefault((f"{args.concurrency} x code editing", name), []).append(
-                {"tok_s": speed, "tokens": tokens[0], "drafted": 0, "accepted": 0, "steps": 0})
-            print(args.concurrency, "x code editing", name, f"{speed:.1f} tok/s aggregate decode", flush=True)
+        for concurrency in args.concurrency:
+            batch = [prompts["code editing"]] * concurrency
+            for name, llm in llms.items():
+                if name == "draft":
+                    continue
+                drafted, accepted, steps = acceptance(llm)
+                tokens, speed = batch_decode(llm, batch, args.max_tokens)
+                d, a, st = acceptance(llm)
+                rows.setdefault((f"{concurrency} x code editing", name), []).append(
+                    {"tok_s": speed, "tokens": tokens[0], "drafted": d - drafted, "accepted": a - accepted,
+                     "steps": st - steps})
+                print(concurrency, "x code editing", name, f"{speed:.1f} tok/s aggregate decode", flush=True)
 
     table = [f"# Speculative decoding: {args.target}, {cpu_label()}, greedy, {args.max_tokens} tokens, "
              f"medians of {args.rounds} rounds", "",
@@ -157,7 +166,7 @@ def main() -> None:
                 line += f" (bandwidth-bound) or {predicted_speedup(alpha, 4, verify_cost):.2f}× (this machine)"
             table.append(line)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"speculative-{args.target}"
+    stem = f"speculative-{args.target}" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"target": args.target, "draft": args.draft, "cpu": cpu_label(),
                                                       "max_tokens": args.max_tokens, "results": summary}, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text("\n".join(table) + "\n")
