@@ -40,8 +40,9 @@ def _add_quantization_arg(p: argparse.ArgumentParser, default: str = "auto") -> 
     p.add_argument("--quantization", default=default, choices=["auto", "none", "gguf", "int8", "int4"],
                    help="weights in memory: auto (a GGUF keeps its precision on CPU in bf16; else dense), "
                         "none (dense, model dtype), gguf, int8, int4 (see docs/QUANTIZATION.md)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="KV cache storage: auto (the model dtype) or int8 (about half the memory per token)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "int8"],
+                   help="KV cache storage: auto (the model dtype), bf16 (half of fp32's bytes, for CPUs that "
+                        "compute in fp32) or int8 (about half of bf16's)")
 
 
 def _add_speculative_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a UTF-8 text file")
     p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="tokens a window advances (default context/2)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="compute each window this many tokens at a time, later ones reading the KV cache "
+                        "(to measure --kv-cache-dtype; default: the whole window at once)")
 
     p = sub.add_parser("plan", help="will it fit? memory for each quantization, context and concurrency",
                        epilog=EPILOG + " Also a built-in name: " + ", ".join(sorted(_known_plan_names())) + ".")
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, help="memory to fit in, e.g. 16GB (default: this machine's)")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model's, 8192))")
     p.add_argument("--concurrency", type=int, default=1, help="sequences held at once (default 1)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"], help="KV cache storage (default bf16)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "int8"],
+                   help="KV cache storage (default: this CPU's compute dtype, bf16 or fp32)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split over N devices: --memory is then per device")
 
@@ -498,7 +503,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         raise SugamError(f"cannot read {args.file}: {exc}") from exc
     llm = _load(args)
     start = time.perf_counter()
-    result = llm.perplexity(text, context=args.context, stride=args.stride)
+    result = llm.perplexity(text, context=args.context, stride=args.stride, chunk=args.chunk)
     elapsed = time.perf_counter() - start
     print(f"{result.tokens_scored} tokens in {result.windows} windows of {args.context}: "
           f"mean NLL {result.mean_nll:.4f}, perplexity {result.perplexity:.4f} "
@@ -554,9 +559,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if context <= 0 or args.concurrency <= 0:
         raise SugamError("--context and --concurrency must be positive")
     kv_int8 = args.kv_cache_dtype == "int8"
+    element = 2 if args.kv_cache_dtype == "bf16" else None
     tp = args.tensor_parallel_size
-    print(format_plan(shape, plan(shape, context, args.concurrency, memory, kv_int8, tp), context, args.concurrency,
-                      kv_int8, tp))
+    print(format_plan(shape, plan(shape, context, args.concurrency, memory, kv_int8, tp, element), context,
+                      args.concurrency, kv_int8, tp, element))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

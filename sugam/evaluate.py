@@ -42,11 +42,16 @@ def window_spans(num_tokens: int, context: int, stride: int) -> list[tuple[int, 
 
 @torch.inference_mode()
 def perplexity(engine: LLMEngine, token_ids: list[int], context: int = 512, stride: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Mean negative log-likelihood of `token_ids[1:]` given what precedes them (within a window)."""
+               progress: Callable[[int, int], None] | None = None, chunk: int | None = None) -> PerplexityResult:
+    """Mean negative log-likelihood of `token_ids[1:]` given what precedes them (within a window).
+    `chunk`: compute each window in chunks of this many tokens, each attending to the earlier ones
+    through the KV cache, as a long prompt or a long answer does (None: the whole window at once, which
+    attends to the fresh keys and values and so never reads the cache's format)."""
     stride = stride or context // 2
     if context < 2 or not 0 < stride <= context:
         raise SugamError(f"need context >= 2 and 0 < stride <= context (got {context}, {stride})")
+    if chunk is not None and chunk < 1:
+        raise SugamError(f"chunk must be positive (got {chunk})")
     if context > engine.max_model_len:
         raise SugamError(f"context {context} exceeds the model's usable context of {engine.max_model_len}")
     if len(token_ids) < 2:
@@ -63,7 +68,10 @@ def perplexity(engine: LLMEngine, token_ids: list[int], context: int = 512, stri
         for i, (start, end, first_scored) in enumerate(spans):
             window = token_ids[start:end]
             n = len(window)
-            hidden = runner.forward(ForwardBatch.build([BatchEntry(window, 0, table, 0)], bs, runner.device))
+            step = chunk or n
+            hidden = torch.cat([runner.forward(ForwardBatch.build([BatchEntry(window[s:s + step], s, table, 0)], bs,
+                                                                  runner.device))
+                                for s in range(0, n, step)])
             # Rows whose next token is scored: positions first_scored-1 .. n-2 of the window.
             rows = torch.arange(first_scored - start - 1, n - 1, device=runner.device)
             targets = torch.tensor(window, device=runner.device)[rows + 1]

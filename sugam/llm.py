@@ -73,6 +73,12 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
         mode = "none"  # an explicit float32 asks for the exact dense reference path
     mode = checkpoint_mode(mode, checkpoint.info, dev.type)
     config = dataclasses.replace(config, quantization=mode)
+    compute = pick_dtype(dtype, dev, quantized=mode != "none")
+    if config.kv_cache_dtype == "auto" and dtype == "auto" and dev.type == "cpu" and compute == torch.float32:
+        # A CPU without bf16 arithmetic computes in fp32 but keeps K/V in bf16: half the bytes deep in a
+        # long answer (0.5B at 8k tokens: 16.5 vs 10.2 tok/s on an Ice Lake) for a perplexity 0.01 %
+        # above fp32 K/V (8k-token windows, benchmarks/results/depth-*.md, docs/QUANTIZATION.md).
+        config = dataclasses.replace(config, kv_cache_dtype="bf16")
     draft = None
     if config.speculative is not None and config.speculative.model:
         draft = open_checkpoint(resolve(config.speculative.model, download=download))
@@ -80,7 +86,7 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
     if config.tensor_parallel_size > 1:
         tp = _tensor_parallel_group(path, dtype, dev, config)
     try:
-        return LLMEngine(checkpoint, dev, pick_dtype(dtype, dev, quantized=mode != "none"), config, draft, tp)
+        return LLMEngine(checkpoint, dev, compute, config, draft, tp)
     except BaseException:
         if tp is not None:
             tp.shutdown()
@@ -146,11 +152,13 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
-    def perplexity(self, text: str, context: int = 512, stride: int | None = None) -> PerplexityResult:
-        """Mean NLL and perplexity of `text` in sliding windows (see sugam.evaluate)."""
+    def perplexity(self, text: str, context: int = 512, stride: int | None = None,
+                   chunk: int | None = None) -> PerplexityResult:
+        """Mean NLL and perplexity of `text` in sliding windows (see sugam.evaluate); `chunk`: each
+        window computed that many tokens at a time through the KV cache (which then counts)."""
         from .evaluate import perplexity
 
-        return perplexity(self.engine, self.engine.tokenizer.encode(text), context, stride)
+        return perplexity(self.engine, self.engine.tokenizer.encode(text), context, stride, chunk=chunk)
 
     # ---- batch APIs -----------------------------------------------------------------------------
 

@@ -123,11 +123,9 @@ class PlanRow:
 
 
 def cache_element_bytes() -> int:
-    """Bytes of a KV cache element on this machine's CPU: the cache is kept in the compute dtype, bf16
-    where the CPU has bf16 arithmetic and fp32 elsewhere (sugam/hardware.py)."""
-    from .hardware import cpu_compute_dtype
-
-    return cpu_compute_dtype().itemsize
+    """Bytes of a KV cache element by default on any CPU: bf16, the compute dtype where the CPU has
+    bf16 arithmetic, and the storage beside fp32 compute elsewhere (sugam/llm.py load_engine)."""
+    return 2
 
 
 def kv_bytes_per_token(shape: ModelShape, int8: bool = False, element_bytes: int = 2) -> int:
@@ -226,10 +224,10 @@ def resolve_shape(model: str) -> ModelShape:
 
 
 def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int,
-                kv_int8: bool = False, tensor_parallel_size: int = 1) -> str:
+                kv_int8: bool = False, tensor_parallel_size: int = 1, kv_element_bytes: int | None = None) -> str:
     gb = 1e9
-    element = cache_element_bytes()
-    kv_format = "int8" if kv_int8 else "bf16" if element == 2 else "fp32: this CPU computes in fp32"
+    element = kv_element_bytes or cache_element_bytes()
+    kv_format = "int8" if kv_int8 else "bf16" if element == 2 else "fp32"
     lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache "
              f"{kv_bytes_per_token(shape, kv_int8, element) / 1024:.0f} KiB per token ({kv_format}), "
              f"context {context} x {concurrency} sequence(s)"]

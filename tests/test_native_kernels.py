@@ -142,7 +142,8 @@ def _step_logits(llm, prompts: list[list[int]], steps: int) -> list[torch.Tensor
     return captured
 
 
-@pytest.mark.parametrize("case", ["qwen2", "qwen2-int8-kv", "qwen2-mixed-types", "qwen2-fp32", "qwen3", "llama"])
+@pytest.mark.parametrize("case", ["qwen2", "qwen2-int8-kv", "qwen2-mixed-types", "qwen2-fp32", "qwen2-fp32-bf16-kv",
+                                  "qwen3", "llama"])
 def test_native_decoder_gives_the_python_layers_results_exactly(tmp_path, monkeypatch, case):
     """Decode steps through sugam/native/decoder.cpp (all layers in one call) must equal the Python
     layers bit for bit: same kernels, same ops, same rounding, for every structure it takes."""
@@ -161,7 +162,8 @@ def test_native_decoder_gives_the_python_layers_results_exactly(tmp_path, monkey
                quant=QT.Q4_1 if arch == "llama" else QT.Q4_0, types=types)
     def load():  # fp32: the compute dtype of CPUs without native bf16, quantized weights kept
         return LLM(str(path), dtype="float32" if "fp32" in case else "bfloat16", quantization="gguf",
-                   kv_cache_dtype="int8" if "int8" in case else "auto", block_size=8)
+                   kv_cache_dtype="int8" if "int8" in case else "bf16" if "bf16-kv" in case else "auto",
+                   block_size=8)
 
     llm = load()
     decoder = llm.engine.runner.native_decoder

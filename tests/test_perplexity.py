@@ -49,6 +49,25 @@ def test_perplexity_matches_transformers(tiny_models, context, stride):
     assert bm.num_free_blocks == bm.num_blocks  # the borrowed blocks went back
 
 
+def test_chunked_windows_read_the_kv_cache_and_its_format(tiny_models):
+    """With `chunk`, later parts of a window attend to cached keys and values: the same result as the
+    whole window at once with an fp32 cache, and a small difference where the cache is bf16 or int8."""
+    folder, model = tiny_models["qwen2"]
+    ids = LLM(str(folder), dtype="float32", block_size=8).get_tokenizer().encode(TEXT)
+    ref_nll, _ = reference_nll(model, ids, 64, 32)
+    nll = {}
+    for kv in ("auto", "bf16", "int8"):
+        llm = LLM(str(folder), dtype="float32", block_size=8, kv_cache_dtype=kv)
+        whole = llm.perplexity(TEXT, context=64, stride=32)
+        chunked = llm.perplexity(TEXT, context=64, stride=32, chunk=16)
+        assert chunked.tokens_scored == whole.tokens_scored
+        assert abs(whole.mean_nll - ref_nll) < 1e-4  # the whole window never reads the cache
+        nll[kv] = chunked.mean_nll
+    assert abs(nll["auto"] - ref_nll) < 1e-4
+    for kv in ("bf16", "int8"):
+        assert 0 < abs(nll[kv] - ref_nll) < 0.01 * ref_nll, nll
+
+
 def test_perplexity_cli(tiny_models, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)

@@ -27,7 +27,7 @@ def test_published_sizes():
 
 
 def test_qwq_in_4_bit_fits_a_desktop_and_r1_does_not():
-    # a bf16 KV cache (a CPU with bf16 arithmetic); in fp32 (other CPUs) the cache is twice the size
+    # a bf16 KV cache (the default on every CPU); fp32 K/V (--dtype float32) are twice the size
     rows = {r.format.name: r for r in plan(KNOWN["qwq-32b"], context=8192, concurrency=1, memory=24 * 10**9,
                                            kv_element_bytes=2)}
     assert rows["int4"].fits and rows["q4_k_m"].fits and not rows["bf16"].fits

@@ -16,6 +16,7 @@ from sugam.quant import Int4Weight, Int8Weight, QuantizedLinear, quantize_int4, 
 from sugam.quant.formats import pack_int4, quantize
 from sugam.quant.gguf_repack import four_bit_groups, repack
 from sugam.quant.linear import KERNEL_MAX_ROWS, quantized_matmul
+from sugam.sampling_params import InvalidRequestError
 
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q4_K: 144}
 BLOCK_VALUES = {QT.Q4_0: 32, QT.Q4_1: 32, QT.Q4_K: 256}
@@ -237,6 +238,38 @@ def test_sugam_quantize_refuses_gguf_and_requantizing(tmp_path, tiny_models, cap
     assert main(["quantize", str(tiny_models["qwen2"][0]), str(out)]) == 0
     assert main(["quantize", str(out), str(tmp_path / "again")]) == 1
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_bf16_kv_cache_halves_an_fp32_models_cache_and_decodes_like_it(tiny_models):
+    """--kv-cache-dtype bf16 for CPUs that compute in fp32: the cache holds twice the tokens, the
+    model stays fp32, and the logits move by bf16's rounding of keys and values only."""
+    folder, _ = tiny_models["qwen2"]
+    budget = 64 * 1024
+    fp32 = LLM(str(folder), dtype="float32", kv_cache_memory=budget, block_size=8)
+    half = LLM(str(folder), dtype="float32", kv_cache_memory=budget, block_size=8, kv_cache_dtype="bf16")
+    assert half.engine.block_manager.num_blocks == 2 * fp32.engine.block_manager.num_blocks
+    assert half.engine.runner.kv_caches[0].keys.dtype == torch.bfloat16
+    assert half.engine.runner.dtype == torch.float32
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11, 60, 61, 62, 63]
+    for llm in (fp32, half):  # later chunks and the decode steps attend to cached keys
+        llm.engine.config.max_num_batched_tokens = 4
+    ref_tokens, ref = greedy_with_logits(fp32, prompt, 3)
+    tokens, logits = greedy_with_logits(half, prompt, 3)
+    assert tokens[0] == ref_tokens[0]
+    assert 0 < _relative_error(logits[1], ref[1]) < 0.03
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be one of auto, bf16, int8"):
+        LLM(str(folder), dtype="float32", kv_cache_dtype="fp8")
+
+
+def test_the_default_kv_cache_is_bf16_on_every_cpu_and_fp32_on_the_reference_path(tiny_models):
+    from sugam.llm import pick_dtype
+
+    folder, _ = tiny_models["qwen2"]
+    quantized = LLM(str(folder), quantization="int8")  # fp32 compute where the CPU lacks bf16 arithmetic
+    assert quantized.engine.runner.dtype == pick_dtype("auto", torch.device("cpu"), quantized=True)
+    assert quantized.engine.runner.kv_caches[0].keys.dtype == torch.bfloat16
+    reference = LLM(str(folder), dtype="float32")
+    assert reference.engine.runner.kv_caches[0].keys.dtype == torch.float32
 
 
 def test_int8_kv_cache_holds_twice_the_tokens_and_decodes_like_bf16(tiny_models):

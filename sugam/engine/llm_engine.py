@@ -82,7 +82,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048      # tokens in one forward pass (longer prompts are chunked)
     enable_prefix_caching: bool = True      # reuse KV blocks of prompts that share a prefix
     quantization: str = "auto"              # weights in memory: auto, none, gguf, int8, int4 (sugam/quant/policy.py)
-    kv_cache_dtype: str = "auto"            # auto (the model dtype) or int8 (about half the memory per token)
+    kv_cache_dtype: str = "auto"            # auto (the model dtype), bf16 (half of fp32's bytes) or int8 (about half of bf16's)
     speculative: SpeculativeConfig | None = None  # guess tokens and verify them (docs/SPECULATIVE.md)
     enable_lora: bool = False               # serve LoRA adapters (docs/CUSTOMIZE.md)
     max_loras: int = 4                      # adapters in one batch (= LoRA slots in memory)
@@ -91,6 +91,9 @@ class EngineConfig:
     cpus_per_rank: int | None = None        # CPU threads per rank (default: an equal share)
     distributed_timeout: float = 60.0       # seconds a collective may wait for a rank before failing
     batch_invariant: bool = False           # a request's tokens never depend on the rest of the batch (docs/BATCH_INVARIANCE.md)
+
+
+KV_CACHE_DTYPES = ("auto", "bf16", "int8")
 
 
 def available_memory(device: torch.device) -> int:
@@ -140,10 +143,14 @@ class LLMEngine:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         context = self.model_config.context_length
         self.max_model_len = min(cfg.max_model_len or context, context)
-        if cfg.kv_cache_dtype not in ("auto", "int8"):
-            raise InvalidRequestError(f"kv_cache_dtype must be auto or int8, not {cfg.kv_cache_dtype!r}")
+        if cfg.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                      f"not {cfg.kv_cache_dtype!r}")
         kv_int8 = cfg.kv_cache_dtype == "int8"
-        per_token = kv_bytes_per_token(self.model_config, dtype, kv_int8)
+        # bf16 storage halves an fp32 model's cache (CPUs without bf16 arithmetic compute in fp32);
+        # the attention reads it in the compute dtype.
+        cache_dtype = torch.bfloat16 if cfg.kv_cache_dtype == "bf16" else dtype
+        per_token = kv_bytes_per_token(self.model_config, cache_dtype, kv_int8)
         budget = cfg.kv_cache_memory
         if budget is None:
             budget = min(available_memory(device) // 4, per_token * self.max_model_len * cfg.max_num_seqs)
@@ -152,7 +159,7 @@ class LLMEngine:
             log.warning("KV pool holds %d tokens; limiting the context from %d to that",
                         num_blocks * bs, self.max_model_len)
             self.max_model_len = num_blocks * bs
-        self.runner.allocate_kv_cache(num_blocks, bs, kv_int8)
+        self.runner.allocate_kv_cache(num_blocks, bs, kv_int8, cache_dtype)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_loras if cfg.enable_lora else None, cfg.batch_invariant)
@@ -161,7 +168,8 @@ class LLMEngine:
 
         self.speculator: Speculator | None = None
         if cfg.speculative is not None:
-            self.speculator = self._build_speculator(cfg.speculative, draft_checkpoint, num_blocks, kv_int8)
+            self.speculator = self._build_speculator(cfg.speculative, draft_checkpoint, num_blocks, kv_int8,
+                                                     cache_dtype)
 
         self._ids = itertools.count()
         self._num_steps = self._last_step_tokens = self._tokens_computed = self._generated_tokens = 0
@@ -309,7 +317,7 @@ class LLMEngine:
         return outputs
 
     def _build_speculator(self, spec: SpeculativeConfig, draft: LoadedCheckpoint | None, num_blocks: int,
-                          kv_int8: bool) -> Speculator:
+                          kv_int8: bool, cache_dtype: torch.dtype | None = None) -> Speculator:
         step_rows = spec.max_step_rows or (CPU_SPECULATIVE_STEP_ROWS if self.device.type == "cpu" else None)
         if spec.method == "ngram":
             return Speculator(spec, NgramProposer(spec), self.max_model_len, step_rows)
@@ -323,7 +331,8 @@ class LLMEngine:
                              f"({len(draft_vocab)} vs {len(vocab)} tokens, {differing} differ): a draft must "
                              f"share the target's tokenizer (e.g. a smaller model of the same family)")
         runner = ModelRunner(draft, self.device, self.runner.dtype, self.config.quantization)
-        runner.allocate_kv_cache(num_blocks, self.block_manager.block_size, kv_int8)
+        runner.allocate_kv_cache(num_blocks, self.block_manager.block_size, kv_int8,
+                                 cache_dtype if cache_dtype != self.runner.dtype else None)
         log.info("draft model: %s", describe_path(runner.execution_path()))
         return Speculator(spec, DraftModelProposer(runner, self.block_manager.block_size), self.max_model_len, step_rows)
 

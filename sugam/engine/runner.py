@@ -124,13 +124,17 @@ class ModelRunner:
                 path["int4_packing"] = f"{layout.block_rows}-row blocks, {'adjacent' if layout.adjacent else 'halves'}"
         return path
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, int8: bool = False) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, int8: bool = False,
+                          dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the cache's storage (default the model's; int8 overrides it)."""
+        dtype = dtype or self.dtype
         if self.tp is not None and self.tp.is_driver:
-            self.tp.send(KV_CACHE, {"num_blocks": num_blocks, "block_size": block_size, "int8": int8})
+            self.tp.send(KV_CACHE, {"num_blocks": num_blocks, "block_size": block_size, "int8": int8,
+                                    "dtype": str(dtype).removeprefix("torch.")})
         cfg = self.local_config
         self.block_size = block_size
         self.kv_caches = [KVCache(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
-                                  self.dtype, self.device, int8)
+                                  dtype, self.device, int8)
                           for _ in range(cfg.num_hidden_layers)]
 
     def enable_lora(self, max_loras: int, max_rank: int) -> LoRAManager:
@@ -170,7 +174,8 @@ class ModelRunner:
             if kind == STOP:
                 return
             if kind == KV_CACHE:
-                self.allocate_kv_cache(payload["num_blocks"], payload["block_size"], payload["int8"])
+                self.allocate_kv_cache(payload["num_blocks"], payload["block_size"], payload["int8"],
+                                       getattr(torch, payload["dtype"]))
             elif kind == BATCH:
                 self.forward(ForwardBatch.from_message(payload, self.block_size, self.device))
 
