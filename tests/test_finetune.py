@@ -303,7 +303,10 @@ def test_quantized_gguf_base_trains_only_lora_and_backward_is_exact(tmp_path, ti
 
     # backward through the frozen quantized product equals autograd through its dequantized matrix
     base = bases[0]
-    x = torch.randn(40, base.in_features, requires_grad=True)   # above the kernels' row limit: the GEMM path
+    from sugam.quant.linear import packed_kernel_max_rows
+
+    rows = packed_kernel_max_rows(torch.float32) + 8  # above the kernels' row limit: the GEMM path
+    x = torch.randn(rows, base.in_features, requires_grad=True)
     y = frozen_product(base, x)
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
