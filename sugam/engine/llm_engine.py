@@ -331,8 +331,7 @@ class LLMEngine:
                              f"({len(draft_vocab)} vs {len(vocab)} tokens, {differing} differ): a draft must "
                              f"share the target's tokenizer (e.g. a smaller model of the same family)")
         runner = ModelRunner(draft, self.device, self.runner.dtype, self.config.quantization)
-        runner.allocate_kv_cache(num_blocks, self.block_manager.block_size, kv_int8,
-                                 cache_dtype if cache_dtype != self.runner.dtype else None)
+        runner.allocate_kv_cache(num_blocks, self.block_manager.block_size, kv_int8, cache_dtype)
         log.info("draft model: %s", describe_path(runner.execution_path()))
         return Speculator(spec, DraftModelProposer(runner, self.block_manager.block_size), self.max_model_len, step_rows)
 

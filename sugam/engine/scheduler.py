@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Batch invariance cuts prompts into chunks at multiples of this many tokens (at most the step's
 # budget), and the prefix cache serves whole chunks: coarse enough that a long prompt takes few
-# steps (its matmuls run in tiles of 32 rows anyway), fine enough to reuse most of a chat's history.
+# steps (its matmuls run in tiles of 64 rows anyway), fine enough to reuse most of a chat's history.
 INVARIANT_CHUNK_TOKENS = 256
 
 

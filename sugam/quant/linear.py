@@ -271,12 +271,7 @@ def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     kernels, 32 rows at a time: dequantizing a 150k-row head would need a buffer of its size in bf16
     (272 MB for Qwen2.5-0.5B), and the kernels give each row the same logits whatever the batch.
     (A packed GGUF head dequantizes in row chunks instead, see _packed_matmul, except with batch
-    invariance on: then the kernels, which give a row the same logits whatever the batch.)"""
-    if _rows_path.get() is not None:  # batch invariance: the head's rows always take the kernels
-        if isinstance(weight, PackedGGUFWeight):
-            return native.gguf_matmul(x, weight.packed, weight.qtype, weight.cols)
-        with rows_path("kernels"):
-            return quantized_matmul(x, weight)
+    invariance on: the runner then computes logits under rows_path("kernels").)"""
     if isinstance(weight, PackedGGUFWeight):
         return _packed_matmul(x, weight.packed, weight.qtype, weight.cols)
     parts = [quantized_matmul(rows, weight) for rows in x.split(KERNEL_MAX_ROWS)]
