@@ -276,3 +276,71 @@ def test_small_layers_round_as_the_pytorch_ops():
     gate_up = (torch.randn(64, 2 * 4096) * 4).bfloat16()
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.equal(native.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def paged_kv(lens: list[int], kv_heads: int, dim: int, cache: str, block_size: int = 16, seed: int = 0):
+    """A shuffled pool of blocks holding each sequence's keys and values, with its block tables."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lens]
+    blocks = sum(need) + 3
+    order = torch.randperm(blocks, generator=gen)
+    tables = torch.zeros(len(lens), max(need), dtype=torch.long)
+    at = 0
+    for i, nb in enumerate(need):
+        tables[i, :nb] = order[at:at + nb]
+        at += nb
+    shape = (blocks, block_size, kv_heads, dim)
+    if cache == "int8":
+        k = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+        v = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+        ks, vs = (torch.rand(shape[:3], generator=gen) * 0.02 + 0.001 for _ in range(2))
+        return k, v, ks, vs, tables
+    dtype = getattr(torch, cache)
+    return (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype), None, None, tables)
+
+
+def attention_reference(q, k, v, ks, vs, tables, lens, scale):
+    """Each sequence's cached keys and values gathered in order, softmax attention in float64."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k.shape[2]
+    for i, n in enumerate(lens):
+        keys = k[tables[i]].flatten(0, 1)[:n].double()
+        values = v[tables[i]].flatten(0, 1)[:n].double()
+        if ks is not None:
+            keys = keys * ks[tables[i]].flatten(0, 1)[:n, :, None].double()
+            values = values * vs[tables[i]].flatten(0, 1)[:n, :, None].double()
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        probs = torch.softmax(torch.einsum("hd,thd->ht", q[i].double(), keys) * scale, dim=-1)
+        out[i] = torch.einsum("ht,thd->hd", probs, values)
+    return out
+
+
+@pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("query", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_the_softmax_over_the_gathered_context(cache, query):
+    # contexts of one token, a partial last tile, exactly one part (512) and three parts; 14 query
+    # heads on 2 KV heads (Qwen2.5-0.5B) and head size 64, 6 on 2 with 128 (the 1.5B)
+    for heads, kv_heads, dim in ((14, 2, 64), (6, 2, 128)):
+        lens = [1, 37, 512, 1300]
+        k, v, ks, vs, tables = paged_kv(lens, kv_heads, dim, cache)
+        q = torch.randn(len(lens), heads, dim).to(query)
+        got = native.decode_attention(q, k, v, ks, vs, tables, torch.tensor(lens), dim ** -0.5)
+        want = attention_reference(q, k, v, ks, vs, tables, lens, dim ** -0.5)
+        tol = 2e-6 if query == torch.float32 else 1e-2  # fp32 arithmetic; bf16 output rounding
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_decode_attention_of_a_sequence_does_not_depend_on_its_batch_or_the_threads():
+    lens = [3000, 700, 5, 2049]
+    k, v, ks, vs, tables = paged_kv(lens, 2, 64, "bfloat16", seed=1)
+    q = torch.randn(len(lens), 14, 64)
+    together = native.decode_attention(q, k, v, None, None, tables, torch.tensor(lens), 0.125)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for i in range(len(lens)):
+                alone = native.decode_attention(q[i:i + 1], k, v, None, None, tables[i:i + 1], torch.tensor(lens[i:i + 1]), 0.125)
+                assert torch.equal(alone[0], together[i])
+    finally:
+        torch.set_num_threads(threads)

@@ -47,7 +47,7 @@ _AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"
 _AVX2_FLAGS = ("avx2", "fma", "f16c")
 _AVX512_SOURCES = ("gguf_matmul.cpp", "gguf_kquant.cpp", "gguf_block32.cpp", "attention.cpp", "layers.cpp", "lora.cpp",
                    "decoder.cpp")
-_PORTABLE_SOURCES = ("portable/ops.cpp", "lora.cpp", "decoder.cpp")
+_PORTABLE_SOURCES = ("portable/ops.cpp", "attention.cpp", "lora.cpp", "decoder.cpp")
 ISAS = ("avx512", "avx2", "neon", "scalar")
 
 

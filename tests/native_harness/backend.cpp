@@ -35,23 +35,24 @@ void api_dequantize(int64_t qtype, const uint8_t* w, int64_t n, int64_t k, float
   for (int64_t i = 0; i < n; ++i) dequantize_row(qtype, w + i * row_bytes, k, codes.data(), y + i * k);
 }
 
-// cache: 0 fp32, 1 bf16, 2 int8 (with scales); q and out fp32
+// cache: 0 fp32, 1 bf16, 2 int8 (with scales); q and out fp32. The tasks run in two ranges, as two
+// threads would take them.
 void api_attention(const float* q, const void* k_cache, const void* v_cache, int cache, const float* k_scales, const float* v_scales,
                    const int64_t* tables, const int64_t* lens, float* out, int64_t n, int64_t heads, int64_t kv_heads, int64_t dim,
                    int64_t block_size, int64_t max_blocks, float scale) {
-  const int64_t group = heads / kv_heads;
-  std::vector<float> acc(group * dim), query(group * dim);
-  for (int64_t seq = 0; seq < n; ++seq)
-    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      std::vector<float> scores(group * lens[seq]);
-      auto run = [&](auto* kc, auto* vc) {
-        attend_one(q, kc, vc, k_scales, v_scales, tables + seq * max_blocks, lens[seq], out, seq, kvh, heads, kv_heads, dim,
-                   block_size, scale, scores.data(), acc.data(), query.data());
-      };
-      if (cache == 0) run(static_cast<const float*>(k_cache), static_cast<const float*>(v_cache));
-      else if (cache == 1) run(static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache));
-      else run(static_cast<const int8_t*>(k_cache), static_cast<const int8_t*>(v_cache));
-    }
+  const AttentionShape shape{heads, kv_heads, dim, block_size, max_blocks, scale};
+  auto two_threads = [](int64_t begin, int64_t end, auto&& body) {
+    const int64_t half = begin + (end - begin) / 2;
+    body(half, end);
+    if (half > begin) body(begin, half);
+  };
+  if (cache == 0) {
+    decode_attention(q, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), k_scales, v_scales, tables, lens, out, n, shape, two_threads);
+  } else if (cache == 1) {
+    decode_attention(q, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache), k_scales, v_scales, tables, lens, out, n, shape, two_threads);
+  } else {
+    decode_attention(q, static_cast<const int8_t*>(k_cache), static_cast<const int8_t*>(v_cache), k_scales, v_scales, tables, lens, out, n, shape, two_threads);
+  }
 }
 
 template <typename T>

@@ -151,29 +151,34 @@ void check_products() {
 }
 
 void check_attention() {
-  const int64_t n = 3, heads = 4, kv_heads = 2, dim = 64, block_size = 16, max_blocks = 4, blocks = 12;
-  const int64_t lens[n] = {1, 17, 50};
-  std::vector<int64_t> tables(n * max_blocks);
-  for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int64_t>((i * 7) % blocks);  // scattered blocks
-  const size_t cache_values = blocks * block_size * kv_heads * dim;
-  const std::vector<float> q = randn(n * heads * dim), kf = randn(cache_values), vf = randn(cache_values);
-  const std::vector<uint16_t> kb = to_bf16(kf), vb = to_bf16(vf);
-  std::vector<int8_t> ki(cache_values), vi(cache_values);
-  std::uniform_int_distribution<int> code(-127, 127);
-  for (size_t i = 0; i < cache_values; ++i) { ki[i] = static_cast<int8_t>(code(rng)); vi[i] = static_cast<int8_t>(code(rng)); }
-  std::vector<float> ks(blocks * block_size * kv_heads), vs(ks.size());
-  for (size_t i = 0; i < ks.size(); ++i) { ks[i] = 0.01f + 0.001f * (i % 7); vs[i] = 0.02f - 0.001f * (i % 5); }
-  const void* kc[3] = {kf.data(), kb.data(), ki.data()};
-  const void* vc[3] = {vf.data(), vb.data(), vi.data()};
-  for (int cache = 0; cache < 3; ++cache) {
-    std::vector<float> out_ref(n * heads * dim), out_simd(n * heads * dim);
-    const float* ksp = cache == 2 ? ks.data() : nullptr;
-    const float* vsp = cache == 2 ? vs.data() : nullptr;
-    sugam::ref::api_attention(q.data(), kc[cache], vc[cache], cache, ksp, vsp, tables.data(), lens, out_ref.data(), n, heads, kv_heads,
-                              dim, block_size, max_blocks, 0.125f);
-    sugam::simd::api_attention(q.data(), kc[cache], vc[cache], cache, ksp, vsp, tables.data(), lens, out_simd.data(), n, heads, kv_heads,
-                               dim, block_size, max_blocks, 0.125f);
-    expect_same(out_ref, out_simd, "decode attention, cache " + std::string(cache == 0 ? "fp32" : cache == 1 ? "bf16" : "int8"));
+  // a context of three parts (core.h's ATTENTION_PART is 512) and one with a partial last tile; head
+  // sizes with and without a remainder after 64 lanes
+  for (const int64_t dim : {64, 80}) {
+    const int64_t n = 3, heads = 6, kv_heads = 2, block_size = 16, max_blocks = 70, blocks = 160;
+    const int64_t lens[n] = {1, 21, 1100};
+    std::vector<int64_t> tables(n * max_blocks);
+    for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int64_t>((i * 7) % blocks);  // scattered blocks
+    const size_t cache_values = blocks * block_size * kv_heads * dim;
+    const std::vector<float> q = randn(n * heads * dim), kf = randn(cache_values), vf = randn(cache_values);
+    const std::vector<uint16_t> kb = to_bf16(kf), vb = to_bf16(vf);
+    std::vector<int8_t> ki(cache_values), vi(cache_values);
+    std::uniform_int_distribution<int> code(-127, 127);
+    for (size_t i = 0; i < cache_values; ++i) { ki[i] = static_cast<int8_t>(code(rng)); vi[i] = static_cast<int8_t>(code(rng)); }
+    std::vector<float> ks(blocks * block_size * kv_heads), vs(ks.size());
+    for (size_t i = 0; i < ks.size(); ++i) { ks[i] = 0.01f + 0.001f * (i % 7); vs[i] = 0.02f - 0.001f * (i % 5); }
+    const void* kc[3] = {kf.data(), kb.data(), ki.data()};
+    const void* vc[3] = {vf.data(), vb.data(), vi.data()};
+    for (int cache = 0; cache < 3; ++cache) {
+      std::vector<float> out_ref(n * heads * dim), out_simd(n * heads * dim);
+      const float* ksp = cache == 2 ? ks.data() : nullptr;
+      const float* vsp = cache == 2 ? vs.data() : nullptr;
+      sugam::ref::api_attention(q.data(), kc[cache], vc[cache], cache, ksp, vsp, tables.data(), lens, out_ref.data(), n, heads,
+                                kv_heads, dim, block_size, max_blocks, 0.125f);
+      sugam::simd::api_attention(q.data(), kc[cache], vc[cache], cache, ksp, vsp, tables.data(), lens, out_simd.data(), n, heads,
+                                 kv_heads, dim, block_size, max_blocks, 0.125f);
+      expect_same(out_ref, out_simd, "decode attention, head size " + std::to_string(dim) + ", cache " +
+                                         std::string(cache == 0 ? "fp32" : cache == 1 ? "bf16" : "int8"));
+    }
   }
 }
 

@@ -23,10 +23,12 @@
 #include "vec.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 namespace sugam {
 namespace SUGAM_CORE_NS {
@@ -483,55 +485,6 @@ void dequantize_row(int64_t qtype, const uint8_t* row, int64_t k, uint8_t* codes
   }
 }
 
-// ---- decode attention over the paged KV cache ----
-
-inline float load1(const int8_t* x) { return static_cast<float>(*x); }
-inline F32 load(const int8_t* p) { return load_i8(p); }
-
-// One (sequence, KV head) task: the query heads of the group against the sequence's cached keys and
-// values, in fp32. Q: query type; C: cache element type (float, bf16, int8 with per-vector scales).
-// scores: len * group floats; acc, query: group * dim floats.
-template <typename Q, typename C>
-void attend_one(const Q* q, const C* k_cache, const C* v_cache, const float* k_scales, const float* v_scales,
-                const int64_t* table, int64_t len, Q* out, int64_t seq, int64_t kvh, int64_t heads, int64_t kv_heads,
-                int64_t dim, int64_t block_size, float scale, float* scores, float* acc, float* query) {
-  const int64_t group = heads / kv_heads, vecs = dim / 8;
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t v = 0; v < vecs; ++v)
-      store(query + g * dim + 8 * v, mul(load(q + (seq * heads + kvh * group + g) * dim + 8 * v), set1(scale)));
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
-    const C* key = k_cache + (slot * kv_heads + kvh) * dim;
-    const float ks = k_scales ? k_scales[slot * kv_heads + kvh] : 1.0f;
-    for (int64_t g = 0; g < group; ++g) {
-      F32 s = zero_f32();
-      for (int64_t v = 0; v < vecs; ++v) s = fma(load(key + 8 * v), load(query + g * dim + 8 * v), s);
-      scores[g * len + t] = reduce_add(s) * ks;
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scores + g * len;
-    const float peak = *std::max_element(row, row + len);
-    float total = 0;
-    for (int64_t t = 0; t < len; ++t) total += (row[t] = std::exp(row[t] - peak));
-    const float inv = 1.0f / total;
-    for (int64_t t = 0; t < len; ++t) row[t] *= inv;
-  }
-  std::fill(acc, acc + group * dim, 0.0f);
-  for (int64_t t = 0; t < len; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
-    const C* value = v_cache + (slot * kv_heads + kvh) * dim;
-    const float vs = v_scales ? v_scales[slot * kv_heads + kvh] : 1.0f;
-    for (int64_t v = 0; v < vecs; ++v) {
-      const F32 x = mul(load(value + 8 * v), set1(vs));
-      for (int64_t g = 0; g < group; ++g)
-        store(acc + g * dim + 8 * v, fma(x, set1(scores[g * len + t]), load(acc + g * dim + 8 * v)));
-    }
-  }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t v = 0; v < vecs; ++v) store(out + (seq * heads + kvh * group + g) * dim + 8 * v, load(acc + g * dim + 8 * v));
-}
-
 // ---- small per-token layers (the rounding of PyTorch's ops in the storage type) ----
 
 // v rounded to the storage type and back: a product is taken of the rounded value, as PyTorch's
@@ -594,6 +547,210 @@ void rotary_row(const T* x, const T* cos, const T* sin, T* y, int64_t dim) {
     store(y + j, add(a1, b1));
     store(y + half + j, add(a2, b2));
   }
+}
+
+// ---- decode attention over the paged KV cache ----
+//
+// A sequence's context is cut into parts of ATTENTION_PART tokens, and each (sequence, KV head,
+// part) is one task: the query heads that share the KV head (GQA) against the part's keys, each key
+// read once for all of them; a softmax within the part; the values weighted by it. A task leaves its
+// unnormalized output, its largest score and its sum of exponentials; a merge then rescales a
+// sequence's parts to their common maximum (log-sum-exp), as flash-decoding does. Long contexts so
+// spread over every thread even for one sequence. The parts are fixed, not a split by thread count
+// or batch, so a sequence's result never depends on what else runs (batch invariance).
+//
+// Keys are taken ATTENTION_TILE at a time into fp32 rows: the scores of a tile are ATTENTION_TILE
+// dot products kept in vectors and reduced together (reduce_add8) instead of one by one.
+
+inline F32 load(const int8_t* p) { return load_i8(p); }
+
+constexpr int64_t ATTENTION_PART = 512;
+constexpr int64_t ATTENTION_TILE = 8;
+constexpr int64_t ATTENTION_PREFETCH = 32;  // tokens ahead
+
+struct AttentionShape {
+  int64_t heads, kv_heads, dim, block_size, max_blocks;
+  float scale;
+  int64_t group() const { return heads / kv_heads; }
+  // a task's result: per query head of the group, dim outputs, then the maximum and the sum
+  int64_t partial_floats() const { return group() * (dim + 2); }
+  // a task's scratch: scores, the scaled queries, one tile of keys or values
+  int64_t scratch_floats() const { return group() * (ATTENTION_PART + dim) + ATTENTION_TILE * dim; }
+};
+
+inline int64_t attention_parts(int64_t len) { return (len + ATTENTION_PART - 1) / ATTENTION_PART; }
+
+inline float exp1(float x) {
+  alignas(32) float lanes[8];
+  store(lanes, exp8(set1(x)));
+  return lanes[0];
+}
+
+// Tokens t0 .. t0+n-1 (n <= ATTENTION_TILE) of KV head kvh as fp32 rows of tile (an int8 row times
+// its scale); the rows past n are zeros.
+template <typename C>
+SUGAM_INLINE void load_kv_tile(const C* cache, const float* scales, const int64_t* table, int64_t t0, int64_t n, int64_t kvh,
+                               const AttentionShape& s, float* tile) {
+  const int64_t dim = s.dim, block_size = s.block_size, kv_heads = s.kv_heads;  // locals: the stores may alias s
+  int64_t block = t0 / block_size, offset = t0 % block_size;
+  for (int64_t j = 0; j < ATTENTION_TILE; ++j, ++offset) {
+    float* row = tile + j * dim;
+    if (j >= n) {
+      std::fill(row, row + dim, 0.0f);
+      continue;
+    }
+    if (offset == block_size) offset = 0, ++block;
+    const int64_t slot = table[block] * block_size + offset;
+    const C* x = cache + (slot * kv_heads + kvh) * dim;
+    if (scales) {
+      const F32 scale = set1(scales[slot * kv_heads + kvh]);
+      for (int64_t v = 0; v < dim; v += 8) store(row + v, mul(load(x + v), scale));
+    } else {
+      for (int64_t v = 0; v < dim; v += 8) store(row + v, load(x + v));
+    }
+  }
+}
+
+// Asks for tokens t0 .. t0+n-1 of KV head kvh to be brought into the cache: each token's vector sits in
+// a block of its own (the pool's blocks are scattered), where the hardware's prefetchers would not
+// follow, so attention waited on every tile's loads.
+template <typename C>
+void prefetch_kv_tile(const C* cache, const int64_t* table, int64_t t0, int64_t n, int64_t kvh, const AttentionShape& s) {
+  int64_t block = t0 / s.block_size, offset = t0 % s.block_size;
+  const int64_t row_bytes = s.dim * static_cast<int64_t>(sizeof(C));
+  for (int64_t j = 0; j < n; ++j, ++offset) {
+    if (offset == s.block_size) offset = 0, ++block;
+    const char* row = reinterpret_cast<const char*>(cache + ((table[block] * s.block_size + offset) * s.kv_heads + kvh) * s.dim);
+    for (int64_t b = 0; b < row_bytes; b += 64) prefetch(row + b);
+  }
+}
+
+// acc[0 .. 8W) += sum over the tile's rows j of weights[j] * tile[j][c .. c + 8W), in registers
+template <int W>
+SUGAM_INLINE void weigh_values(const float* tile, const float* weights, int64_t dim, int64_t c, float* acc) {
+  F32 a[W];
+  for (int w = 0; w < W; ++w) a[w] = load(acc + 8 * w);
+  for (int64_t j = 0; j < ATTENTION_TILE; ++j) {
+    const F32 p = set1(weights[j]);
+    for (int w = 0; w < W; ++w) a[w] = fma(load(tile + j * dim + c + 8 * w), p, a[w]);
+  }
+  for (int w = 0; w < W; ++w) store(acc + 8 * w, a[w]);
+}
+
+// One task: tokens [begin, end) of a sequence (block table `table`), KV head kvh, its query heads.
+// Q: query type; C: cache element type (float, bf16, int8 with per-vector scales).
+template <typename Q, typename C>
+void attend_part(const Q* q, const C* k_cache, const C* v_cache, const float* k_scales, const float* v_scales,
+                 const int64_t* table, int64_t begin, int64_t end, int64_t seq, int64_t kvh, const AttentionShape& s,
+                 float* partial, float* scratch) {
+  const int64_t group = s.group(), dim = s.dim, len = end - begin;
+  const int64_t padded = (len + ATTENTION_TILE - 1) / ATTENTION_TILE * ATTENTION_TILE;
+  float* scores = scratch;                         // [group][ATTENTION_PART]
+  float* query = scores + group * ATTENTION_PART;  // [group][dim], times the scale
+  float* tile = query + group * dim;               // [ATTENTION_TILE][dim]
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t v = 0; v < dim; v += 8)
+      store(query + g * dim + v, mul(load(q + (seq * s.heads + kvh * group + g) * dim + v), set1(s.scale)));
+
+  const int64_t ahead = ATTENTION_PREFETCH;
+  prefetch_kv_tile(k_cache, table, begin, std::min(ahead, len), kvh, s);
+  for (int64_t t = 0; t < len; t += ATTENTION_TILE) {
+    if (t + ahead < len) prefetch_kv_tile(k_cache, table, begin + t + ahead, std::min(ATTENTION_TILE, len - t - ahead), kvh, s);
+    load_kv_tile(k_cache, k_scales, table, begin + t, std::min(ATTENTION_TILE, len - t), kvh, s, tile);
+    for (int64_t g = 0; g < group; ++g) {
+      F32 dots[ATTENTION_TILE];
+      for (auto& d : dots) d = zero_f32();
+      for (int64_t v = 0; v < dim; v += 8) {
+        const F32 qv = load(query + g * dim + v);
+        for (int64_t j = 0; j < ATTENTION_TILE; ++j) dots[j] = fma(load(tile + j * dim + v), qv, dots[j]);
+      }
+      store(scores + g * ATTENTION_PART + t, reduce_add8(dots));
+    }
+  }
+
+  prefetch_kv_tile(v_cache, table, begin, std::min(ahead, len), kvh, s);
+  for (int64_t g = 0; g < group; ++g) {  // softmax within the part, unnormalized
+    float* row = scores + g * ATTENTION_PART;
+    std::fill(row + len, row + padded, -INFINITY);  // the padding's scores are not real
+    F32 peak = load(row);
+    for (int64_t t = 8; t < padded; t += 8) peak = max(peak, load(row + t));
+    const float top = reduce_max(peak);
+    F32 total = zero_f32();
+    for (int64_t t = 0; t < padded; t += 8) {
+      const F32 e = exp8(sub(load(row + t), set1(top)));
+      store(row + t, e);
+    }
+    std::fill(row + len, row + padded, 0.0f);
+    for (int64_t t = 0; t < padded; t += 8) total = add(total, load(row + t));
+    partial[g * (dim + 2) + dim] = top;
+    partial[g * (dim + 2) + dim + 1] = reduce_add(total);
+    std::fill(partial + g * (dim + 2), partial + g * (dim + 2) + dim, 0.0f);
+  }
+
+  for (int64_t t = 0; t < len; t += ATTENTION_TILE) {
+    if (t + ahead < len) prefetch_kv_tile(v_cache, table, begin + t + ahead, std::min(ATTENTION_TILE, len - t - ahead), kvh, s);
+    load_kv_tile(v_cache, v_scales, table, begin + t, std::min(ATTENTION_TILE, len - t), kvh, s, tile);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* weights = scores + g * ATTENTION_PART + t;
+      float* acc = partial + g * (dim + 2);
+      int64_t c = 0;
+      for (; c + 64 <= dim; c += 64) weigh_values<8>(tile, weights, dim, c, acc + c);
+      for (; c < dim; c += 8) weigh_values<1>(tile, weights, dim, c, acc + c);
+    }
+  }
+}
+
+// The output of query head g of a (sequence, KV head) from its parts (part p's result at
+// partials + p * stride): each part rescaled by e^(its maximum - the largest), divided by the sum.
+template <typename Q>
+void merge_parts(const float* partials, int64_t parts, int64_t stride, int64_t seq, int64_t kvh,
+                 const AttentionShape& s, Q* out) {
+  const int64_t group = s.group(), dim = s.dim;
+  for (int64_t g = 0; g < group; ++g) {
+    const float* first = partials + g * (dim + 2);
+    float top = first[dim];
+    for (int64_t p = 1; p < parts; ++p) top = std::max(top, first[p * stride + dim]);
+    float total = 0.0f;
+    for (int64_t p = 0; p < parts; ++p) total += first[p * stride + dim + 1] * exp1(first[p * stride + dim] - top);
+    Q* y = out + (seq * s.heads + kvh * group + g) * dim;
+    for (int64_t v = 0; v < dim; v += 8) {
+      F32 sum = zero_f32();
+      for (int64_t p = 0; p < parts; ++p)
+        sum = fma(load(first + p * stride + v), set1(exp1(first[p * stride + dim] - top)), sum);
+      store(y + v, mul(sum, set1(1.0f / total)));
+    }
+  }
+}
+
+// q [n, heads, dim] -> out [n, heads, dim]; caches [blocks, block_size, kv_heads, dim]; int8 caches
+// with scales [blocks, block_size, kv_heads]; tables [n, max_blocks]; lens [n] (each >= 1).
+// parallel_for(begin, end, body) calls body(b, e) on sub-ranges covering [begin, end), on any threads.
+template <typename Q, typename C, typename ParallelFor>
+void decode_attention(const Q* q, const C* k_cache, const C* v_cache, const float* k_scales, const float* v_scales,
+                      const int64_t* tables, const int64_t* lens, Q* out, int64_t n, const AttentionShape& s,
+                      ParallelFor&& parallel_for) {
+  std::vector<int64_t> first_part(n + 1, 0);  // a sequence's parts are numbered from first_part[seq]
+  for (int64_t i = 0; i < n; ++i) first_part[i + 1] = first_part[i] + attention_parts(lens[i]);
+  const int64_t kv = s.kv_heads, floats = s.partial_floats();
+  std::vector<float> partials(first_part[n] * kv * floats);
+  parallel_for(int64_t{0}, first_part[n] * kv, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(s.scratch_floats());
+    int64_t seq = std::upper_bound(first_part.begin(), first_part.end(), t0 / kv) - first_part.begin() - 1;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t part = task / kv, kvh = task % kv;
+      while (first_part[seq + 1] <= part) ++seq;
+      const int64_t begin = (part - first_part[seq]) * ATTENTION_PART, end = std::min(lens[seq], begin + ATTENTION_PART);
+      attend_part(q, k_cache, v_cache, k_scales, v_scales, tables + seq * s.max_blocks, begin, end, seq, kvh, s,
+                  partials.data() + task * floats, scratch.data());
+    }
+  });
+  parallel_for(int64_t{0}, n * kv, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t seq = task / kv, kvh = task % kv;
+      merge_parts(partials.data() + (first_part[seq] * kv + kvh) * floats, first_part[seq + 1] - first_part[seq],
+                  kv * floats, seq, kvh, s, out);
+    }
+  });
 }
 
 }  // namespace SUGAM_CORE_NS

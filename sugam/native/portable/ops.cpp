@@ -1,6 +1,6 @@
 // The portable kernels (core.h) as the torch ops sugam's Python calls, with the same names and
-// contracts as the AVX-512 build's (gguf_matmul.cpp, attention.cpp, layers.cpp). One of the two
-// builds is loaded in a process: sugam/native/__init__.py picks it by the CPU's features.
+// contracts as the AVX-512 build's (gguf_matmul.cpp, layers.cpp); decode attention (attention.cpp) is
+// the same source in both. One of the two builds is loaded in a process: sugam/native/__init__.py picks it by the CPU's features.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -89,45 +89,6 @@ at::Tensor gguf_matmul(const at::Tensor& x_in, const at::Tensor& packed, int64_t
   return x_in.scalar_type() == out.scalar_type() ? out : out.to(x_in.scalar_type());
 }
 
-// q [n, heads, dim]; caches [blocks, block_size, kv_heads, dim]; scales [blocks, block_size, kv_heads]
-// (int8 caches only); block_tables [n, max_blocks] int64; context_lens [n] int64 (each >= 1).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  check_decode_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, 8);
-  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const bool int8 = k_cache.scalar_type() == at::kChar;
-  const float* ks = int8 ? k_scales->data_ptr<float>() : nullptr;
-  const float* vs = int8 ? v_scales->data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty_like(q);
-  const float s = static_cast<float>(scale);
-  const int64_t group = heads / kv_heads;
-  auto run = [&](auto* qp, auto* kp, auto* vp) {
-    auto* op = data_as<std::remove_const_t<std::remove_pointer_t<decltype(qp)>>>(out);
-    at::parallel_for(0, n * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores, acc(group * dim), query(group * dim);
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t seq = task / kv_heads, kvh = task % kv_heads;
-        scores.resize(group * lens[seq]);
-        core::attend_one(qp, kp, vp, ks, vs, tables + seq * max_blocks, lens[seq], op, seq, kvh, heads, kv_heads, dim,
-                         block_size, s, scores.data(), acc.data(), query.data());
-      }
-    });
-  };
-  with_storage(q, "decode_attention", [&](auto* qp) {
-    switch (k_cache.scalar_type()) {
-      case at::kFloat: run(qp, data_as<float>(k_cache), data_as<float>(v_cache)); break;
-      case at::kBFloat16: run(qp, data_as<core::bf16>(k_cache), data_as<core::bf16>(v_cache)); break;
-      case at::kChar: run(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>()); break;
-      default: TORCH_CHECK(false, "sugam decode_attention: cache dtype ", k_cache.scalar_type());
-    }
-  });
-  return out;
-}
-
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t h = x.size(-1);
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == h && h % 8 == 0,
@@ -186,8 +147,6 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
   m.def("gguf_matmul(Tensor x, Tensor packed, int qtype, int cols, Tensor? bias=None) -> Tensor");
   m.def("gguf_dequantize(Tensor packed, int qtype, int cols, Tensor(a!) out) -> ()");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scales, Tensor? v_scales, "
-        "Tensor block_tables, Tensor context_lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -196,7 +155,6 @@ TORCH_LIBRARY_FRAGMENT(sugam_cpu, m) {
 TORCH_LIBRARY_IMPL(sugam_cpu, CPU, m) {
   m.impl("gguf_matmul", &sugam::gguf_matmul);
   m.impl("gguf_dequantize", &gguf_dequantize);
-  m.impl("decode_attention", &sugam::decode_attention);
   m.impl("rms_norm", &sugam::rms_norm);
   m.impl("silu_mul", &sugam::silu_mul);
   m.impl("rotary", &sugam::rotary);

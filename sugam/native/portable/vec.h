@@ -227,6 +227,12 @@ SUGAM_INLINE float reduce_max(F32 a) {
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// lane i = the sum of v[i]'s lanes, added ((0+1)+(2+3))+((4+5)+(6+7)) on every backend
+SUGAM_INLINE F32 reduce_add8(const F32* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0].v, v[1].v), _mm256_hadd_ps(v[2].v, v[3].v));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4].v, v[5].v), _mm256_hadd_ps(v[6].v, v[7].v));
+  return {_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31))};
+}
 SUGAM_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 #elif SUGAM_VEC_NEON
@@ -376,6 +382,14 @@ SUGAM_INLINE float reduce_add(F32 a) {  // paired as the other backends pair the
   return vgetq_lane_f32(t, 0) + vgetq_lane_f32(t, 1);
 }
 SUGAM_INLINE float reduce_max(F32 a) { return vmaxvq_f32(vmaxq_f32(a.lo, a.hi)); }
+SUGAM_INLINE F32 reduce_add8(const F32* v) {  // lane i: v[i]'s lanes added as on the other backends
+  auto four = [v](int k) {  // vectors k..k+3
+    const float32x4_t lo = vpaddq_f32(vpaddq_f32(v[k].lo, v[k + 1].lo), vpaddq_f32(v[k + 2].lo, v[k + 3].lo));
+    const float32x4_t hi = vpaddq_f32(vpaddq_f32(v[k].hi, v[k + 1].hi), vpaddq_f32(v[k + 2].hi, v[k + 3].hi));
+    return vaddq_f32(lo, hi);
+  };
+  return {four(0), four(4)};
+}
 SUGAM_INLINE void prefetch(const void* p) { __builtin_prefetch(p); }
 
 #else  // scalar: the reference
@@ -476,6 +490,15 @@ inline float reduce_add(F32 a) {
   return (s0 + s2) + (s1 + s3);
 }
 inline float reduce_max(F32 a) { float m = a.v[0]; for (float v : a.v) m = v > m ? v : m; return m; }
+// lane i = the sum of v[i]'s lanes, in the vector backends' order
+inline F32 reduce_add8(const F32* v) {
+  F32 r;
+  for (int i = 0; i < 8; ++i) {
+    const float* x = v[i].v;
+    r.v[i] = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+  }
+  return r;
+}
 inline void prefetch(const void*) {}
 
 #endif
