@@ -5,7 +5,8 @@
 
 Each configuration in its own process (2 threads): for every depth D, a random D-token prompt is
 prefilled, then 64 tokens are decoded greedily (EOS ignored): decode tok/s, median of the tokens'
-rate after the first. llama-bench runs `-p 0 -n 64 -d D` on the same file. Beside each number, the
+rate after the first, and the prefill's tok/s (prompt in, first token out). llama-bench runs
+`-p 0 -n 64 -d D` and `-p D -n 0` on the same file. Beside each number, the
 bytes a token reads (weights + K/V at that depth in that format) and the roofline they allow at the
 machine's measured bandwidth (a torch sum over 2 GiB, 2 threads, sampled before each engine).
 Writes benchmarks/results/depth-MODEL[-TAG].json and .md.
@@ -52,16 +53,27 @@ def child(model: str, kv: str, depths: list[int]) -> dict:
         for _ in llm.stream_outputs(prompt, SamplingParams(temperature=0, max_tokens=DECODE, ignore_eos=True)):
             times.append(time.perf_counter())
         gaps = [b - a for a, b in zip(times, times[1:])]
-        out["depths"][str(depth)] = {"decode_tok_s": 1 / statistics.median(gaps), "prefill_s": times[0] - start}
+        prefill_s = times[0] - start  # the prompt and the first token: time to first token
+        out["depths"][str(depth)] = {"decode_tok_s": 1 / statistics.median(gaps), "prefill_s": prefill_s,
+                                     "prefill_tok_s": depth / prefill_s}
         print(kv, depth, out["depths"][str(depth)], file=sys.stderr, flush=True)
     return out
 
 
 def llama_bench(binary: str, path: str, depths: list[int]) -> dict:
-    out = subprocess.run([binary, "-m", path, "-p", "0", "-n", str(DECODE), "-d", ",".join(map(str, depths)),
-                          "-t", "2", "-r", "2", "-o", "json"], capture_output=True, text=True, check=True)
-    return {"depths": {str(r["n_depth"]): {"decode_tok_s": statistics.median(r["samples_ts"])}
-                       for r in json.loads(out.stdout)}}
+    """Decode of 64 tokens after -d D tokens (2 repetitions), and prompt processing of D tokens (pp D)."""
+    def run(*flags: str) -> list[dict]:
+        out = subprocess.run([binary, "-m", path, *flags, "-t", "2", "-o", "json"], capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout)
+
+    result = {"depths": {str(r["n_depth"]): {"decode_tok_s": statistics.median(r["samples_ts"])}
+                         for r in run("-p", "0", "-n", str(DECODE), "-d", ",".join(map(str, depths)), "-r", "2")}}
+    prompts = [d for d in depths if d > 0]
+    if prompts:
+        for r in run("-p", ",".join(map(str, prompts)), "-n", "0", "-r", "1"):
+            result["depths"][str(r["n_prompt"])]["prefill_tok_s"] = statistics.median(r["samples_ts"])
+    return result
 
 
 def main() -> None:
@@ -117,6 +129,18 @@ def main() -> None:
                          f"{tok_s / roof:.0%} |")
     lines += ["", "Bytes a token reads: sugam's weights (without the input embedding) plus K/V of every layer at "
               "that depth in the format named; llama.cpp's row assumes the same weight bytes."]
+    if llama and any("prefill_tok_s" in v for v in llama["depths"].values()):
+        lines += ["", "Prefill of a D-token prompt (sugam: prompt in, first token out, chunked as the engine "
+                  "schedules it; llama.cpp: llama-bench pp D):", "",
+                  "| engine | K/V format | prompt tokens | prefill tok/s | × llama.cpp |", "|---|---|---:|---:|---:|"]
+        for name, r in results.items():
+            for depth in (str(d) for d in args.depths if d > 0):
+                tok_s = r["depths"][depth].get("prefill_tok_s")
+                if tok_s is None:
+                    continue
+                fmt = r.get("cache_dtype", "f16")
+                ratio = f"{tok_s / llama['depths'][depth]['prefill_tok_s']:.2f}" if name != "llama.cpp (f16 K/V)" else "–"
+                lines.append(f"| {name} | {fmt} | {depth} | {tok_s:.0f} | {ratio} |")
     stem = f"depth-{args.model}" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"bandwidth_gb_s": bw, "results": results}, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
