@@ -574,8 +574,8 @@ struct AttentionShape {
   int64_t group() const { return heads / kv_heads; }
   // a task's result: per query head of the group, dim outputs, then the maximum and the sum
   int64_t partial_floats() const { return group() * (dim + 2); }
-  // a task's scratch: scores, the scaled queries, one tile of keys or values
-  int64_t scratch_floats() const { return group() * (ATTENTION_PART + dim) + ATTENTION_TILE * dim; }
+  // a task's scratch (all KV heads at most): scores, the scaled queries, one tile of keys or values
+  int64_t scratch_floats() const { return heads * (ATTENTION_PART + dim) + ATTENTION_TILE * dim; }
 };
 
 inline int64_t attention_parts(int64_t len) { return (len + ATTENTION_PART - 1) / ATTENTION_PART; }
@@ -611,17 +611,18 @@ SUGAM_INLINE void load_kv_tile(const C* cache, const float* scales, const int64_
   }
 }
 
-// Asks for tokens t0 .. t0+n-1 of KV head kvh to be brought into the cache: each token's vector sits in
+// Asks for tokens t0 .. t0+n-1 of KV heads kv0 .. kv1-1 to be brought into the cache: each token's vector sits in
 // a block of its own (the pool's blocks are scattered), where the hardware's prefetchers would not
 // follow, so attention waited on every tile's loads.
 template <typename C>
-void prefetch_kv_tile(const C* cache, const int64_t* table, int64_t t0, int64_t n, int64_t kvh, const AttentionShape& s) {
+void prefetch_kv_tile(const C* cache, const int64_t* table, int64_t t0, int64_t n, int64_t kv0, int64_t kv1,
+                      const AttentionShape& s) {
   int64_t block = t0 / s.block_size, offset = t0 % s.block_size;
-  const int64_t row_bytes = s.dim * static_cast<int64_t>(sizeof(C));
+  const int64_t bytes = (kv1 - kv0) * s.dim * static_cast<int64_t>(sizeof(C));  // heads kv0..kv1-1 are adjacent
   for (int64_t j = 0; j < n; ++j, ++offset) {
     if (offset == s.block_size) offset = 0, ++block;
-    const char* row = reinterpret_cast<const char*>(cache + ((table[block] * s.block_size + offset) * s.kv_heads + kvh) * s.dim);
-    for (int64_t b = 0; b < row_bytes; b += 64) prefetch(row + b);
+    const char* row = reinterpret_cast<const char*>(cache + ((table[block] * s.block_size + offset) * s.kv_heads + kv0) * s.dim);
+    for (int64_t b = 0; b < bytes; b += 64) prefetch(row + b);
   }
 }
 
@@ -637,40 +638,44 @@ SUGAM_INLINE void weigh_values(const float* tile, const float* weights, int64_t 
   for (int w = 0; w < W; ++w) store(acc + 8 * w, a[w]);
 }
 
-// One task: tokens [begin, end) of a sequence (block table `table`), KV head kvh, its query heads.
-// Q: query type; C: cache element type (float, bf16, int8 with per-vector scales).
+// One task: tokens [begin, end) of a sequence (block table `table`), KV heads [kv0, kv1), their query
+// heads. Q: query type; C: cache element type (float, bf16, int8 with per-vector scales). A tile's
+// rows of all the task's KV heads are read one after the other: with every head of a token in one
+// task, each task streams whole cache lines in address order.
 template <typename Q, typename C>
 void attend_part(const Q* q, const C* k_cache, const C* v_cache, const float* k_scales, const float* v_scales,
-                 const int64_t* table, int64_t begin, int64_t end, int64_t seq, int64_t kvh, const AttentionShape& s,
-                 float* partial, float* scratch) {
-  const int64_t group = s.group(), dim = s.dim, len = end - begin;
+                 const int64_t* table, int64_t begin, int64_t end, int64_t seq, int64_t kv0, int64_t kv1,
+                 const AttentionShape& s, float* partial, float* scratch) {
+  const int64_t group = s.group(), dim = s.dim, len = end - begin, heads = (kv1 - kv0) * group;
   const int64_t padded = (len + ATTENTION_TILE - 1) / ATTENTION_TILE * ATTENTION_TILE;
-  float* scores = scratch;                         // [group][ATTENTION_PART]
-  float* query = scores + group * ATTENTION_PART;  // [group][dim], times the scale
-  float* tile = query + group * dim;               // [ATTENTION_TILE][dim]
-  for (int64_t g = 0; g < group; ++g)
+  float* scores = scratch;                         // [heads][ATTENTION_PART]
+  float* query = scores + heads * ATTENTION_PART;  // [heads][dim], times the scale
+  float* tile = query + heads * dim;               // [ATTENTION_TILE][dim]
+  for (int64_t h = 0; h < heads; ++h)
     for (int64_t v = 0; v < dim; v += 8)
-      store(query + g * dim + v, mul(load(q + (seq * s.heads + kvh * group + g) * dim + v), set1(s.scale)));
+      store(query + h * dim + v, mul(load(q + (seq * s.heads + kv0 * group + h) * dim + v), set1(s.scale)));
 
   const int64_t ahead = ATTENTION_PREFETCH;
-  prefetch_kv_tile(k_cache, table, begin, std::min(ahead, len), kvh, s);
+  prefetch_kv_tile(k_cache, table, begin, std::min(ahead, len), kv0, kv1, s);
   for (int64_t t = 0; t < len; t += ATTENTION_TILE) {
-    if (t + ahead < len) prefetch_kv_tile(k_cache, table, begin + t + ahead, std::min(ATTENTION_TILE, len - t - ahead), kvh, s);
-    load_kv_tile(k_cache, k_scales, table, begin + t, std::min(ATTENTION_TILE, len - t), kvh, s, tile);
-    for (int64_t g = 0; g < group; ++g) {
-      F32 dots[ATTENTION_TILE];
-      for (auto& d : dots) d = zero_f32();
-      for (int64_t v = 0; v < dim; v += 8) {
-        const F32 qv = load(query + g * dim + v);
-        for (int64_t j = 0; j < ATTENTION_TILE; ++j) dots[j] = fma(load(tile + j * dim + v), qv, dots[j]);
+    if (t + ahead < len) prefetch_kv_tile(k_cache, table, begin + t + ahead, std::min(ATTENTION_TILE, len - t - ahead), kv0, kv1, s);
+    for (int64_t kvh = kv0; kvh < kv1; ++kvh) {
+      load_kv_tile(k_cache, k_scales, table, begin + t, std::min(ATTENTION_TILE, len - t), kvh, s, tile);
+      for (int64_t h = (kvh - kv0) * group; h < (kvh - kv0 + 1) * group; ++h) {
+        F32 dots[ATTENTION_TILE];
+        for (auto& d : dots) d = zero_f32();
+        for (int64_t v = 0; v < dim; v += 8) {
+          const F32 qv = load(query + h * dim + v);
+          for (int64_t j = 0; j < ATTENTION_TILE; ++j) dots[j] = fma(load(tile + j * dim + v), qv, dots[j]);
+        }
+        store(scores + h * ATTENTION_PART + t, reduce_add8(dots));
       }
-      store(scores + g * ATTENTION_PART + t, reduce_add8(dots));
     }
   }
 
-  prefetch_kv_tile(v_cache, table, begin, std::min(ahead, len), kvh, s);
-  for (int64_t g = 0; g < group; ++g) {  // softmax within the part, unnormalized
-    float* row = scores + g * ATTENTION_PART;
+  prefetch_kv_tile(v_cache, table, begin, std::min(ahead, len), kv0, kv1, s);
+  for (int64_t h = 0; h < heads; ++h) {  // softmax within the part, unnormalized
+    float* row = scores + h * ATTENTION_PART;
     std::fill(row + len, row + padded, -INFINITY);  // the padding's scores are not real
     F32 peak = load(row);
     for (int64_t t = 8; t < padded; t += 8) peak = max(peak, load(row + t));
@@ -682,20 +687,23 @@ void attend_part(const Q* q, const C* k_cache, const C* v_cache, const float* k_
     }
     std::fill(row + len, row + padded, 0.0f);
     for (int64_t t = 0; t < padded; t += 8) total = add(total, load(row + t));
-    partial[g * (dim + 2) + dim] = top;
-    partial[g * (dim + 2) + dim + 1] = reduce_add(total);
-    std::fill(partial + g * (dim + 2), partial + g * (dim + 2) + dim, 0.0f);
+    float* out = partial + h / group * s.partial_floats() + h % group * (dim + 2);
+    out[dim] = top;
+    out[dim + 1] = reduce_add(total);
+    std::fill(out, out + dim, 0.0f);
   }
 
   for (int64_t t = 0; t < len; t += ATTENTION_TILE) {
-    if (t + ahead < len) prefetch_kv_tile(v_cache, table, begin + t + ahead, std::min(ATTENTION_TILE, len - t - ahead), kvh, s);
-    load_kv_tile(v_cache, v_scales, table, begin + t, std::min(ATTENTION_TILE, len - t), kvh, s, tile);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* weights = scores + g * ATTENTION_PART + t;
-      float* acc = partial + g * (dim + 2);
-      int64_t c = 0;
-      for (; c + 64 <= dim; c += 64) weigh_values<8>(tile, weights, dim, c, acc + c);
-      for (; c < dim; c += 8) weigh_values<1>(tile, weights, dim, c, acc + c);
+    if (t + ahead < len) prefetch_kv_tile(v_cache, table, begin + t + ahead, std::min(ATTENTION_TILE, len - t - ahead), kv0, kv1, s);
+    for (int64_t kvh = kv0; kvh < kv1; ++kvh) {
+      load_kv_tile(v_cache, v_scales, table, begin + t, std::min(ATTENTION_TILE, len - t), kvh, s, tile);
+      for (int64_t h = (kvh - kv0) * group; h < (kvh - kv0 + 1) * group; ++h) {
+        const float* weights = scores + h * ATTENTION_PART + t;
+        float* acc = partial + h / group * s.partial_floats() + h % group * (dim + 2);
+        int64_t c = 0;
+        for (; c + 64 <= dim; c += 64) weigh_values<8>(tile, weights, dim, c, acc + c);
+        for (; c < dim; c += 8) weigh_values<1>(tile, weights, dim, c, acc + c);
+      }
     }
   }
 }
@@ -733,15 +741,19 @@ void decode_attention(const Q* q, const C* k_cache, const C* v_cache, const floa
   for (int64_t i = 0; i < n; ++i) first_part[i + 1] = first_part[i] + attention_parts(lens[i]);
   const int64_t kv = s.kv_heads, floats = s.partial_floats();
   std::vector<float> partials(first_part[n] * kv * floats);
-  parallel_for(int64_t{0}, first_part[n] * kv, [&](int64_t t0, int64_t t1) {
+  // A task takes one part and all KV heads (whole cache lines in order) where there are parts enough
+  // to keep the threads busy, else one KV head. Either way each head's arithmetic, and so its bits,
+  // are the same.
+  const int64_t per_task = first_part[n] >= 8 ? kv : 1;
+  parallel_for(int64_t{0}, first_part[n] * kv / per_task, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(s.scratch_floats());
-    int64_t seq = std::upper_bound(first_part.begin(), first_part.end(), t0 / kv) - first_part.begin() - 1;
+    int64_t seq = std::upper_bound(first_part.begin(), first_part.end(), t0 * per_task / kv) - first_part.begin() - 1;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t part = task / kv, kvh = task % kv;
+      const int64_t part = task * per_task / kv, kv0 = task * per_task % kv;
       while (first_part[seq + 1] <= part) ++seq;
       const int64_t begin = (part - first_part[seq]) * ATTENTION_PART, end = std::min(lens[seq], begin + ATTENTION_PART);
-      attend_part(q, k_cache, v_cache, k_scales, v_scales, tables + seq * s.max_blocks, begin, end, seq, kvh, s,
-                  partials.data() + task * floats, scratch.data());
+      attend_part(q, k_cache, v_cache, k_scales, v_scales, tables + seq * s.max_blocks, begin, end, seq, kv0,
+                  kv0 + per_task, s, partials.data() + (part * kv + kv0) * floats, scratch.data());
     }
   });
   parallel_for(int64_t{0}, n * kv, [&](int64_t t0, int64_t t1) {
