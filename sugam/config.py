@@ -101,6 +101,17 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    def expert_params(self) -> tuple[int, int]:
+        """(parameters of the sparse layers' MLPs, those one token reads): routers, routed experts
+        (all of them / num_experts_per_tok) and shared experts with their gates. (0, 0) when dense."""
+        h = self.hidden_size
+        sparse = sum(self.sparse_layer(i) for i in range(self.num_hidden_layers))
+        expert = 3 * h * self.moe_intermediate_size + (2 * self.moe_intermediate_size + h if self.mlp_bias else 0)
+        shared = self.shared_expert_intermediate_size
+        always = h * self.num_experts + (3 * h * shared + h if shared else 0)
+        return (sparse * (always + self.num_experts * expert),
+                sparse * (always + self.num_experts_per_tok * expert))
+
     def sparse_layer(self, layer: int) -> bool:
         """Whether `layer` routes through experts (transformers' rule for Qwen2-MoE / Qwen3-MoE)."""
         return (self.num_experts > 0 and layer not in self.mlp_only_layers

@@ -91,15 +91,3 @@ class Qwen3MoeForCausalLM(MoECausalLM):
 @register_model("qwen2_moe")
 class Qwen2MoeForCausalLM(MoECausalLM):
     """Qwen2-MoE / Qwen1.5-MoE: Qwen2 attention (QKV bias), routed experts plus a gated shared expert."""
-
-
-def expert_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(all expert-MLP parameters, those one token reads) over the model's sparse layers: routers,
-    routed experts and shared experts."""
-    h = cfg.hidden_size
-    sparse = sum(cfg.sparse_layer(i) for i in range(cfg.num_hidden_layers))
-    expert = 3 * h * cfg.moe_intermediate_size
-    always = h * cfg.num_experts + (3 * h * cfg.shared_expert_intermediate_size + h
-                                    if cfg.shared_expert_intermediate_size else 0)
-    return (sparse * (always + cfg.num_experts * expert),
-            sparse * (always + cfg.num_experts_per_tok * expert))
