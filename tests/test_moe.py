@@ -114,6 +114,19 @@ def test_continuous_batching_and_prefix_cache_match_transformers(moe_models):
     assert stats.prefix_cache_hit_tokens >= sum(len(p) // 4 * 4 for p in prompts) - 4 * len(prompts)
 
 
+def test_speculative_decoding_keeps_greedy_tokens(moe_models):
+    """Guessed tokens are verified in one step of several rows a sequence (n-gram proposals, and the
+    model drafting for itself): the tokens are those of plain greedy decoding."""
+    folder, _, _ = moe_models["qwen2_moe"]
+    prompt = [5, 17, 42, 5, 17, 42, 5, 17, 42, 5, 17]  # repeats, so the n-gram proposer guesses
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = LLM(str(folder), dtype="float32").generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    for spec in ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1},
+                 {"model": str(folder), "num_speculative_tokens": 3}):
+        llm = LLM(str(folder), dtype="float32", speculative_config=spec)
+        assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == plain, spec
+
+
 @pytest.mark.parametrize("arch,quant", [("qwen3_moe", QT.Q8_0), ("qwen3_moe", QT.Q4_0), ("qwen2_moe", QT.Q4_0)])
 def test_quantized_gguf_matches_dequantized_reference(tmp_path, arch, quant):
     """The expert blocks are sliced per expert exactly: the exact path matches transformers run on the
@@ -169,6 +182,7 @@ def test_decode_reads_only_the_routed_experts(tmp_path):
 
     runner.execute = execute
     llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    runner.execute = original
     sparse_layers = [i for i, layer in enumerate(runner.model.model.layers) if isinstance(layer.mlp, SparseMoeBlock)]
     assert len(steps) == 4
     prefill = steps[0]
@@ -177,6 +191,8 @@ def test_decode_reads_only_the_routed_experts(tmp_path):
         assert sorted(step) == sorted((layer, e, 1) for layer, e, _ in step)
         for layer in sparse_layers:
             assert len({e for li, e, _ in step if li == layer}) == 2
+    with pytest.raises(SugamError, match="batch invariance needs quantized matrices.*mlp.gate"):
+        LLM(str(path), dtype="float32", quantization="gguf", batch_invariant=True)  # the routers are dense
 
 
 def test_hf_checkpoint_with_fewer_experts_is_refused(moe_models, tmp_path):

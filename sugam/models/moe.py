@@ -58,16 +58,16 @@ class SparseMoeBlock(nn.Module):
         # Sort the (token, expert) pairs by expert: each expert's rows are then one slice.
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        hit = torch.nonzero(counts).flatten().tolist()
-        ends = torch.cumsum(counts, 0).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // self.top_k
         scale = weights.flatten()[order].unsqueeze(1)
         out = torch.zeros_like(x)
-        for e in hit:  # experts in ascending order, so each token sums its experts in transformers' order
-            start, end = ends[e] - int(counts[e]), ends[e]
-            rows = tokens[start:end]
-            out.index_add_(0, rows, self.experts[e](x[rows]) * scale[start:end])
+        start = 0
+        for e, n in enumerate(counts):  # ascending, so each token sums its experts in transformers' order
+            if n:
+                rows = tokens[start:start + n]
+                out.index_add_(0, rows, self.experts[e](x[rows]) * scale[start:start + n])
+                start += n
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
