@@ -265,6 +265,20 @@ def test_gguf_expert_tables_are_checked(moe_models, tmp_path):
         open_gguf(no_count)
 
 
+def test_shared_expert_gate_as_a_vector_loads(moe_models, tmp_path):
+    """llama.cpp declares ffn_gate_inp_shexp as [hidden]; a converter may write it [hidden, 1]: both load."""
+    _, path, model = moe_models["qwen2_moe"]
+    reader = gguf.GGUFReader(str(path))
+    gates = {t.name: np.array(t.data) for t in reader.tensors if t.name.endswith("ffn_gate_inp_shexp.weight")}
+    assert gates and all(g.shape == (1, model.config.hidden_size) for g in gates.values())
+    vector = tmp_path / "vector.gguf"
+    name = sorted(gates)[0]
+    _rewrite(path, vector, change=(name, gates[name].reshape(-1)))
+    assert next(t for t in gguf.GGUFReader(str(vector)).tensors if t.name == name).data.ndim == 1
+    tokens, logits = greedy_with_logits(LLM(str(vector), dtype="float32"), PROMPT, 3)
+    assert max_diff(logits, reference_logits(model, PROMPT, tokens)) <= 1e-4
+
+
 def test_lora_on_attention_works_and_expert_lora_is_refused(moe_models, tmp_path):
     from safetensors.torch import save_file
 
