@@ -149,6 +149,10 @@ def test_quantized_gguf_matches_dequantized_reference(tmp_path, arch, quant):
     expert = moe.experts[0].gate_up_proj.parts[0]
     assert expert.weight_format == ("packed" if native.available() else "int4" if quant != QT.Q8_0 else "int8")
     assert runner.weight_bytes < exact.engine.runner.weight_bytes / 2
+    from sugam.plan import resolve_shape
+    predicted = resolve_shape(str(path)).gguf_weight_bytes  # sugam plan's gguf row, 3-D expert tensors included
+    print(f"plan predicts {predicted} weight bytes, the engine holds {runner.weight_bytes}")
+    assert predicted == pytest.approx(runner.weight_bytes, rel=0.05)  # norms and rotary tables differ
     _, quantized = greedy_with_logits(kept, PROMPT, 1)
     _, bf16 = greedy_with_logits(LLM(str(path), dtype="bfloat16", quantization="none"), PROMPT, 1)
     # As for dense files (test_quant.py): the kept blocks err on the order of plain bf16 (the kernels
