@@ -162,6 +162,33 @@ def test_quantized_gguf_matches_dequantized_reference(tmp_path, arch, quant):
     assert err < min(3 * err_bf16, 0.12)
 
 
+def test_hf_folder_quantized_at_load_and_by_sugam_quantize(moe_models, tmp_path):
+    """--quantization int8/int4 quantize each expert of an HF folder; `sugam quantize` writes them and
+    the folder loads to the same model."""
+    folder, _, model = moe_models["qwen3_moe"]
+    _, ref = greedy_with_logits(LLM(str(folder), dtype="float32"), PROMPT, 1)
+    _, bf16 = greedy_with_logits(LLM(str(folder), dtype="bfloat16"), PROMPT, 1)
+    err_bf16 = ((bf16[0] - ref[0]).norm() / ref[0].norm()).item()
+    x = torch.randn(4, model.config.hidden_size, dtype=torch.bfloat16)
+    hf_expert = model.model.layers[0].mlp.experts.gate_up_proj[3]  # transformers 5: experts fused in memory
+    logits = {}
+    for mode in ("int8", "int4"):
+        llm = LLM(str(folder), dtype="bfloat16", quantization=mode)
+        expert = llm.engine.runner.model.model.layers[0].mlp.experts[3].gate_up_proj
+        assert expert.parts[0].weight_format == mode
+        with torch.inference_mode():
+            got, want = expert(x).float(), x.float() @ hf_expert.t()
+        # int4 groups of 32 span these random weights' whole range: ~8 % a matrix; a wrong slice ~100 %
+        assert ((got - want).norm() / want.norm()).item() < (0.02 if mode == "int8" else 0.15), mode
+        _, logits[mode] = greedy_with_logits(llm, PROMPT, 1)
+    assert ((logits["int8"][0] - ref[0]).norm() / ref[0].norm()).item() < min(3 * err_bf16, 0.12)
+    out = subprocess.run([sys.executable, "-m", "sugam", "quantize", str(folder), str(tmp_path / "q4"),
+                          "--quantization", "int4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    _, saved = greedy_with_logits(LLM(str(tmp_path / "q4"), dtype="bfloat16"), PROMPT, 1)
+    assert torch.equal(saved[0], logits["int4"][0])
+
+
 def test_decode_reads_only_the_routed_experts(tmp_path):
     """One decoding sequence: each sparse layer runs exactly its top-k experts, one row each."""
     model = build_moe(tmp_path / "hf", "qwen3_moe")
