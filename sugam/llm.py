@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .distributed.sharding import ShardPlan
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sequence import RequestOutput
 from .engine.speculative import SpeculativeConfig
@@ -84,6 +85,7 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
         draft = open_checkpoint(resolve(config.speculative.model, download=download))
     tp = None
     if config.tensor_parallel_size > 1:
+        ShardPlan.build(checkpoint.config, 0, config.tensor_parallel_size)  # refuse a model it cannot split first
         tp = _tensor_parallel_group(path, dtype, dev, config)
     try:
         return LLMEngine(checkpoint, dev, compute, config, draft, tp)

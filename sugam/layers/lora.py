@@ -116,6 +116,8 @@ def install_lora(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAB
         per_layer = []
         for parent_name, attr, modules in LORA_GROUPS:
             parent = getattr(layer, parent_name)
+            if not hasattr(parent, attr):
+                continue  # a mixture-of-experts layer's MLP: its experts take no LoRA (lora/adapter.py refuses it)
             wrapper = LoRAProjection(getattr(parent, attr), modules, shapes[modules[0]][1],
                                      [shapes[m][0] for m in modules], max_loras, max_rank, batch, dtype, device)
             setattr(parent, attr, wrapper)

@@ -30,7 +30,7 @@ from ..models.registry import model_class
 from ..quant.formats import INT4_ROW_BLOCK, PackedGGUFWeight, QuantizedWeight
 from ..quant.linear import DEQUANT_CHUNK_VALUES, QuantizedEmbedding, QuantizedLinear, quantized_matmul
 from ..quant.policy import checkpoint_mode, weight_chooser
-from .adapter import PROJECTION_PARENT, TARGET_MODULES, LoRAAdapter, LoRAWeights, lora_scale
+from .adapter import PROJECTION_PARENT, TARGET_MODULES, LoRAAdapter, LoRAError, LoRAWeights, lora_scale
 from .data import IGNORE
 
 # Logits of this many values (fp32) at most exist at once in the loss: a 150k vocabulary -> ~220 rows.
@@ -44,6 +44,8 @@ def load_base(path: Path, device: torch.device, dtype: torch.dtype, quantization
     """(frozen model, quantization mode), built as ModelRunner builds it but left unfused."""
     ckpt = checkpoint_file or open_checkpoint(path)
     cfg = ckpt.config
+    if cfg.is_moe:
+        raise LoRAError(f"{path}: fine-tuning a mixture-of-experts model ({cfg.architecture}) is not supported yet")
     mode = checkpoint_mode(quantization, ckpt.info, device.type)
     with torch.device("meta"):
         model = model_class(cfg.architecture)(cfg).to(dtype)
