@@ -181,13 +181,13 @@ def gguf_weight_bytes(gguf: GGUFFile, tied_embeddings: bool) -> int:
         target = hf_name(name)
         if target is None:
             continue
-        fmt = choose(target, tensor.shape, tensor.qtype.name)
+        fmt = choose(target, tensor.shape, tensor.qtype.name)  # type: ignore[misc]  # "gguf" always has a chooser
         if fmt == "rows":
             total += tensor.raw.nbytes
         elif fmt == "packed":
             total += tensor.shape[0] * packed_row_bytes(tensor.qtype.name, tensor.shape[1])
         elif fmt in ("int4", "int8"):
-            total += stored_bytes(fmt, tensor.shape)
+            total += stored_bytes(fmt, tensor.shape)  # type: ignore[arg-type]  # int4/int8 only for matrices
         else:
             total += math.prod(tensor.shape) * 2  # dense bf16
     return total
