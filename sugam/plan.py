@@ -216,13 +216,13 @@ def gguf_weight_bytes(gguf: GGUFFile, tied_embeddings: bool) -> int:
             continue
         # an MoE layer's 3-D expert tensor is loaded as one matrix per expert
         count, shape = (tensor.shape[0], tensor.shape[1:]) if len(tensor.shape) == 3 else (1, tensor.shape)
-        fmt = choose(target, shape, tensor.qtype.name)
+        fmt = choose(target, shape, tensor.qtype.name)  # type: ignore[misc]  # "gguf" always has a chooser
         if fmt == "rows":
             total += tensor.raw.nbytes
         elif fmt == "packed":
             total += count * shape[0] * packed_row_bytes(tensor.qtype.name, shape[1])
         elif fmt in ("int4", "int8"):
-            total += count * stored_bytes(fmt, shape)
+            total += count * stored_bytes(fmt, shape)  # type: ignore[arg-type]  # int4/int8 only for matrices
         else:
             total += math.prod(tensor.shape) * 2  # dense bf16
     return total

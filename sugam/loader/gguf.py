@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,10 +27,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..quant.formats import GGUFRows, QuantizedWeight
+from ..quant.formats import GGUFRows
 from ..quant.gguf_repack import dequantize_rows, pack_for_kernels, repack
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
+
+if TYPE_CHECKING:
+    from ..distributed.sharding import ShardPlan
+    from .base import LoadedWeight
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType[name]
@@ -434,8 +438,8 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
     eos += [control[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in control and control[t] not in eos]
     config.eos_token_ids = eos
 
-    def iter_weights(choose: WeightChooser | None = None, shard: Any = None
-                     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    def iter_weights(choose: WeightChooser | None = None, shard: ShardPlan | None = None
+                     ) -> Iterator[tuple[str, LoadedWeight]]:
         """`shard`: a tensor-parallel ShardPlan (distributed/sharding.py): each matrix is cut to
         this rank's share before it is converted, so the rank keeps the file's blocks."""
         for name, tensor in tensors.items():
@@ -467,9 +471,11 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
         elif fmt == "rows":  # kept as the file's blocks (a copy: the mapping is released)
             yield target, GGUFRows(torch.from_numpy(np.array(tensor.raw)), tensor.qtype.name, tensor.shape[1])
         elif fmt == "packed":  # the file's blocks, rearranged for sugam's CPU kernels
-            yield target, pack_for_kernels(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape)
+            yield target, pack_for_kernels(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype,
+                                           (tensor.shape[0], tensor.shape[1]))
         else:  # repacked block by block: no float copy of the whole matrix
-            yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape, fmt)
+            yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype,
+                                 (tensor.shape[0], tensor.shape[1]), fmt)
 
     types: dict[str, int] = {}
     for t in tensors.values():

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -160,7 +160,7 @@ class PullRequest(_Body):
     insecure: bool | None = None
 
 
-def read_body_as_json(scope: dict[str, Any]) -> None:
+def read_body_as_json(scope: MutableMapping[str, Any]) -> None:
     """Ollama reads every request body as JSON whatever its Content-Type (`curl -d` sends a form
     type): so do the /api/ routes."""
     headers = scope.get("headers", [])
