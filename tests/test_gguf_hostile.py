@@ -166,10 +166,10 @@ def test_millions_of_empty_strings_are_refused_before_they_are_read(tmp_path):
     blob = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + encode_string("junk") + struct.pack("<IIQ", ARRAY, STRING, count)
     path = tmp_path / "strings.gguf"
     path.write_bytes(blob + bytes(8 * count))
-    start = time.perf_counter()
+    start = time.process_time()   # CPU time: the work done, whatever else the machine runs
     with pytest.raises(ModelFormatError, match="strings in metadata arrays"):
         GGUFFile(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0  # refused before the 4 M strings are read
 
 
 # ---- item 4: one-line errors instead of raw exceptions ------------------------------------------
@@ -279,7 +279,7 @@ def test_fuzzed_headers_load_correctly_or_fail_cleanly(good, tmp_path):
     budget = 4 * len(good) + 8 * 2**20
     for label, blob in mutations(good, rng, 1000):
         path.write_bytes(blob)
-        start = time.perf_counter()
+        start = time.process_time()   # CPU time, not wall-clock: a loaded machine must not fail a case
         tracemalloc.start()
         try:
             try:
@@ -298,5 +298,5 @@ def test_fuzzed_headers_load_correctly_or_fail_cleanly(good, tmp_path):
             outcomes["refused"] += 1
         except Exception as exc:  # the point of the test: nothing but a clean refusal
             raise AssertionError(f"{label}: {type(exc).__name__}: {exc}") from exc
-        assert time.perf_counter() - start < 5, f"{label}: took {time.perf_counter() - start:.1f} s"
+        assert time.process_time() - start < 5, f"{label}: took {time.process_time() - start:.1f} s of CPU"
     assert outcomes["refused"] > 700 and outcomes["loaded"] > 40, outcomes
