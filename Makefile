@@ -36,6 +36,7 @@ chat: pull
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -243,7 +243,7 @@ def _check_str_format(budget: _Budget, fmt: str, args: tuple, kwargs: Mapping[st
 def _replace_size(s: str | bytes, old: Any, new: Any, count: Any) -> int:
     if not isinstance(old, (str, bytes)) or not isinstance(new, (str, bytes)):
         return len(s)
-    hits = s.count(old) if old else len(s) + 1
+    hits = s.count(old) if old else len(s) + 1  # type: ignore[arg-type]  # str in bytes raises TypeError, as replace() would
     if isinstance(count, int) and count >= 0:
         hits = min(hits, count)
     return len(s) + hits * max(0, len(new) - len(old))
@@ -264,7 +264,8 @@ def _check_method(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> tuple
             budget.allow_size(max(len(owner), width), f"str.{name}")
         elif name == "expandtabs":
             tabsize = _as_int(args[0] if args else kwargs.get("tabsize", 8), 8)
-            budget.allow_size(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t") * tabsize,
+            tab = "\t" if isinstance(owner, str) else b"\t"
+            budget.allow_size(len(owner) + owner.count(tab) * tabsize,  # type: ignore[arg-type]  # tab matches owner
                               "str.expandtabs")
         elif name == "replace" and len(args) >= 2:
             budget.allow_size(_replace_size(owner, args[0], args[1], args[2] if len(args) > 2 else
@@ -421,7 +422,7 @@ class _CountedIterator:
 
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training; we render it plainly."""
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}
 
     def parse(self, parser: Any) -> Any:
         lineno = next(parser.stream).lineno

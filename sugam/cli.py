@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache storage (default: this CPU's compute dtype, bf16 or fp32)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split over N devices: --memory is then per device")
+    p.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
+                   help="memory bandwidth for the expected decode speed (default: measured here, ~0.3 s)")
 
     p = sub.add_parser("quantize", help="write an HF model's weights as int8/int4, in a folder that loads fast",
                        epilog=EPILOG)
@@ -549,7 +551,7 @@ def _known_plan_names() -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .plan import format_plan, plan, resolve_shape
+    from .plan import format_plan, measure_bandwidth, plan, resolve_shape
 
     shape = resolve_shape(args.model)
     memory = parse_size(args.memory)
@@ -561,8 +563,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     kv_int8 = args.kv_cache_dtype == "int8"
     element = 2 if args.kv_cache_dtype == "bf16" else None
     tp = args.tensor_parallel_size
+    if args.bandwidth is not None and args.bandwidth <= 0:
+        raise SugamError("--bandwidth must be positive (GB/s)")
+    bandwidth = None if tp > 1 else args.bandwidth * 1e9 if args.bandwidth else measure_bandwidth()
     print(format_plan(shape, plan(shape, context, args.concurrency, memory, kv_int8, tp, element), context,
-                      args.concurrency, kv_int8, tp, element))
+                      args.concurrency, kv_int8, tp, element, bandwidth))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

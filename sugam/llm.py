@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .distributed.sharding import ShardPlan
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sequence import RequestOutput
 from .engine.speculative import SpeculativeConfig
@@ -84,6 +85,7 @@ def load_engine(path: Path, dtype: str | torch.dtype = "auto", device: str | tor
         draft = open_checkpoint(resolve(config.speculative.model, download=download))
     tp = None
     if config.tensor_parallel_size > 1:
+        ShardPlan.build(checkpoint.config, 0, config.tensor_parallel_size)  # refuse a model it cannot split first
         tp = _tensor_parallel_group(path, dtype, dev, config)
     try:
         return LLMEngine(checkpoint, dev, compute, config, draft, tp)
@@ -168,10 +170,10 @@ class LLM:
         """Complete each prompt (text or token ids). Returns one RequestOutput per prompt, in order.
         `lora_request`: one adapter for all prompts, or a list with one per prompt (None: the base)."""
         batch = _as_prompt_list(prompts)
-        param_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(batch)
+        param_list = list(params) if isinstance(params, Seq) else [params] * len(batch)
         if len(param_list) != len(batch):
             raise SugamError(f"{len(batch)} prompts but {len(param_list)} SamplingParams")
-        lora_list = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(batch)
+        lora_list = list(lora_request) if isinstance(lora_request, Seq) else [lora_request] * len(batch)
         if len(lora_list) != len(batch):
             raise SugamError(f"{len(batch)} prompts but {len(lora_list)} LoRA requests")
         for lora in lora_list:
@@ -204,8 +206,8 @@ class LLM:
              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of messages) or many (a list of such lists)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs)
-                   for c in conversations]  # type: ignore[arg-type]
+        prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs)  # type: ignore[arg-type]
+                   for c in conversations]  # (a list of conversations here)
         return self.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     # ---- streaming ------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, int) for p in prompts):
-        return [prompts]  # one prompt given as token ids
-    return prompts  # type: ignore[return-value]
+    items: list[Any] = list(prompts)
+    if items and all(isinstance(p, int) for p in items):
+        return [items]  # one prompt given as token ids
+    return items

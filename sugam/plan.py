@@ -4,6 +4,11 @@ Memory = weights (parameters × bits per weight of the format) + KV cache (bytes
 concurrent sequences) + runtime (PyTorch and the tokenizer, plus the activations of one batch).
 The runtime constants were measured on sugam itself (tests/test_plan.py checks the prediction
 against the RSS of a running model).
+
+Speed: decode reads every weight a token uses once per token, so it runs at about
+DECODE_EFFICIENCY × memory bandwidth ÷ bytes read per token. A mixture of experts holds all its
+experts in memory but reads only the routed ones: memory follows the total parameters, speed the
+active ones.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ if TYPE_CHECKING:
 RUNTIME_BASE = 300 * 2**20     # PyTorch, Python and sugam loaded
 TOKENIZER_PER_TOKEN = 512      # bytes of tokenizer state per vocabulary entry
 BATCH_TOKENS = 2048            # max_num_batched_tokens: the activations of one step
+# Share of the machine's bandwidth sugam's decode achieves: 80-83 % measured on the 0.5B and 1.5B
+# (docs/QUANTIZATION.md); 0.7 leaves room for KV reads and per-token overhead.
+DECODE_EFFICIENCY = 0.7
 
 
 @dataclass(frozen=True)
@@ -55,29 +63,52 @@ class ModelShape:
     context_length: int
     gguf_weight_bytes: int | None = None  # a local GGUF: bytes in memory when kept in its own precision
     kv_vector_size: int = 128          # elements per cached vector (head_dim); an int8 cache adds a scale to each
+    active_params: int | None = None   # a mixture of experts: parameters one token uses (None: all of them)
+    tied_embeddings: bool = True       # an untied input embedding is read one row a token
 
     @classmethod
     def from_config(cls, name: str, cfg: ModelConfig) -> ModelShape:
-        return cls(name, dense_params(cfg), cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
+        total, active = model_params(cfg)
+        return cls(name, total, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size,
                    cfg.num_hidden_layers, 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.context_length,
-                   kv_vector_size=cfg.head_dim)
+                   kv_vector_size=cfg.head_dim, active_params=active if cfg.is_moe else None,
+                   tied_embeddings=cfg.tie_word_embeddings)
+
+    @property
+    def read_per_token(self) -> int:
+        """Parameters decode reads for one token: the active ones, less an untied embedding (one row)."""
+        used = self.active_params or self.params
+        return used - (0 if self.tied_embeddings else self.vocab_size * self.hidden_size)
 
 
 def dense_params(cfg: ModelConfig) -> int:
+    return model_params(cfg)[0]
+
+
+def model_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those one token uses): equal for a dense model; a mixture of experts counts
+    every expert in the first, the routed ones (and shared experts, routers) in the second."""
     h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if cfg.qkv_bias else 0) + (2 * d if cfg.qk_norm else 0)
     mlp = 3 * h * cfg.intermediate_size
     embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return embeddings + L * (attn + mlp + 2 * h) + h
+    dense_layers = sum(not cfg.sparse_layer(i) for i in range(L))
+    base = embeddings + L * (attn + 2 * h) + dense_layers * mlp + h
+    experts, active = cfg.expert_params()
+    return base + experts, base + active
 
 
 def _qwen(name: str, h: int, layers: int, heads: int, kv: int, inter: int, vocab: int, tied: bool, ctx: int,
-          head_dim: int | None = None, qwen3: bool = False) -> ModelShape:
-    cfg = ModelConfig(architecture="qwen3" if qwen3 else "qwen2", vocab_size=vocab, hidden_size=h,
+          head_dim: int | None = None, qwen3: bool = False, experts: tuple[int, int, int] | None = None) -> ModelShape:
+    """experts: (experts, routed per token, expert width) of a Qwen3-MoE whose every layer is sparse."""
+    moe = dict(zip(("num_experts", "num_experts_per_tok", "moe_intermediate_size"), experts or ()))
+    arch = ("qwen3" if qwen3 else "qwen2") + ("_moe" if experts else "")
+    cfg = ModelConfig(architecture=arch, vocab_size=vocab, hidden_size=h,
                       intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, head_dim=head_dim or h // heads, max_position_embeddings=ctx,
-                      tie_word_embeddings=tied, qkv_bias=not qwen3, qk_norm=qwen3)
+                      tie_word_embeddings=tied, qkv_bias=not qwen3, qk_norm=qwen3, norm_topk_prob=bool(experts),
+                      **moe)
     return ModelShape.from_config(name, cfg)
 
 
@@ -99,6 +130,8 @@ KNOWN: dict[str, ModelShape] = {m.name: m for m in (
     _qwen("qwen3-8b", 4096, 36, 32, 8, 12288, 151936, False, 40960, 128, True),
     _qwen("qwen3-14b", 5120, 40, 40, 8, 17408, 151936, False, 40960, 128, True),
     _qwen("qwen3-32b", 5120, 64, 64, 8, 25600, 151936, False, 40960, 128, True),
+    # Qwen3-30B-A3B: 128 experts of width 768 in each of 48 layers, 8 routed per token.
+    _qwen("qwen3-30b-a3b", 2048, 48, 32, 4, 6144, 151936, False, 40960, 128, True, experts=(128, 8, 768)),
     # A mixture of experts with multi-head latent attention: 671B parameters in all, and a KV cache
     # of one 512-wide latent plus a 64-wide rotary key per token and layer.
     ModelShape("deepseek-r1", 671_000_000_000, 129280, 7168, 18432, 61, 512 + 64, 163840, kv_vector_size=512 + 64),
@@ -181,13 +214,15 @@ def gguf_weight_bytes(gguf: GGUFFile, tied_embeddings: bool) -> int:
         target = hf_name(name)
         if target is None:
             continue
-        fmt = choose(target, tensor.shape, tensor.qtype.name)
+        # an MoE layer's 3-D expert tensor is loaded as one matrix per expert
+        count, shape = (tensor.shape[0], tensor.shape[1:]) if len(tensor.shape) == 3 else (1, tensor.shape)
+        fmt = choose(target, shape, tensor.qtype.name)  # type: ignore[misc]  # "gguf" always has a chooser
         if fmt == "rows":
             total += tensor.raw.nbytes
         elif fmt == "packed":
-            total += tensor.shape[0] * packed_row_bytes(tensor.qtype.name, tensor.shape[1])
+            total += count * shape[0] * packed_row_bytes(tensor.qtype.name, shape[1])
         elif fmt in ("int4", "int8"):
-            total += stored_bytes(fmt, tensor.shape)
+            total += count * stored_bytes(fmt, shape)  # type: ignore[arg-type]  # int4/int8 only for matrices
         else:
             total += math.prod(tensor.shape) * 2  # dense bf16
     return total
@@ -223,12 +258,38 @@ def resolve_shape(model: str) -> ModelShape:
     return ModelShape.from_config(path.name, ModelConfig.from_hf(json.loads((path / "config.json").read_text())))
 
 
+def decode_speed(shape: ModelShape, row: PlanRow, bandwidth: float) -> tuple[float, float]:
+    """(bytes read per token, expected decode tok/s) for a row's format at `bandwidth` bytes/s."""
+    per_token = row.weights / shape.params * shape.read_per_token
+    return per_token, DECODE_EFFICIENCY * bandwidth / per_token
+
+
+def measure_bandwidth(seconds: float = 0.3) -> float:
+    """Bytes/s this machine streams (a torch sum over 512 MiB, best of a few; all threads)."""
+    import time
+
+    import torch
+
+    x = torch.ones(2**27, dtype=torch.float32)
+    x.sum()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    return best
+
+
 def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrency: int,
-                kv_int8: bool = False, tensor_parallel_size: int = 1, kv_element_bytes: int | None = None) -> str:
+                kv_int8: bool = False, tensor_parallel_size: int = 1, kv_element_bytes: int | None = None,
+                bandwidth: float | None = None) -> str:
+    """`bandwidth`: bytes/s of memory, for the expected decode speed (None: not shown)."""
     gb = 1e9
     element = kv_element_bytes or cache_element_bytes()
     kv_format = "int8" if kv_int8 else "bf16" if element == 2 else "fp32"
-    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, KV cache "
+    active = (f" ({shape.active_params / 1e9:.2f}B active per token: all experts are held, the routed ones read)"
+              if shape.active_params else "")
+    lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters{active}, KV cache "
              f"{kv_bytes_per_token(shape, kv_int8, element) / 1024:.0f} KiB per token ({kv_format}), "
              f"context {context} x {concurrency} sequence(s)"]
     if tensor_parallel_size > 1:
@@ -253,6 +314,10 @@ def format_plan(shape: ModelShape, rows: list[PlanRow], context: int, concurrenc
             best = max(fitting, key=lambda r: r.format.bits)
             lines += ["", f"highest precision that fits: {best.format.name} ({best.total / gb:.1f} GB of "
                           f"{memory / gb:.0f} GB)"]
+            if bandwidth:
+                per_token, speed = decode_speed(shape, best, bandwidth)
+                lines.append(f"expected decode: ~{speed:.0f} tok/s ({DECODE_EFFICIENCY} x {bandwidth / gb:.0f} GB/s "
+                             f"/ {per_token / gb:.2f} GB read per token in {best.format.name})")
         else:
             per_token = kv_bytes_per_token(shape, kv_int8, element)
             smallest = min(rows, key=lambda r: r.total)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from .errors import SugamError
+
+T = TypeVar("T")
 
 
 class InvalidRequestError(SugamError, ValueError):
@@ -66,7 +69,7 @@ class SamplingParams:
 
     def with_defaults(self, defaults: object) -> SamplingParams:
         """A copy where unset fields take the model's defaults, then the engine's."""
-        def pick(name: str, fallback: float | int | None) -> float | int | None:
+        def pick(name: str, fallback: T) -> T:
             value = getattr(self, name)
             if value is None:
                 value = getattr(defaults, name, None)

@@ -129,8 +129,9 @@ class Tokenizer:
         self.special_tokens: dict[str, str] = dict(spec.special_token_strings)
         for key, token_id in (("bos_token", spec.bos_token_id), ("eos_token", spec.eos_token_id),
                               ("pad_token", spec.pad_token_id)):
-            if token_id is not None and key not in self.special_tokens:
-                self.special_tokens[key] = self._tok.id_to_token(token_id)
+            token = self._tok.id_to_token(token_id) if token_id is not None else None
+            if token is not None and key not in self.special_tokens:
+                self.special_tokens[key] = token
         for key, attr in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
             if getattr(self, attr) is None and key in self.special_tokens:
                 setattr(self, attr, self._tok.token_to_id(self.special_tokens[key]))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+from polling import wait_until
 
 
 def free_port() -> int:
@@ -58,13 +59,9 @@ def metric(base: str, name: str) -> float:
 
 def wait_idle(base: str, timeout: float = 30.0) -> None:
     """Until no request runs or waits and no KV block is in use (aborts land between steps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (metric(base, "sugam_requests_running") == 0 and metric(base, "sugam_requests_waiting") == 0
-                and metric(base, "sugam_kv_cache_usage_ratio") == 0):
-            return
-        time.sleep(0.2)
-    raise AssertionError("the server did not return to idle: a request or KV block leaked")
+    wait_until(lambda: (metric(base, "sugam_requests_running") == 0 and metric(base, "sugam_requests_waiting") == 0
+                        and metric(base, "sugam_kv_cache_usage_ratio") == 0),
+               "the server returns to idle (else a request or KV block leaked)", timeout=timeout, interval=0.2)
 
 
 def sse_events(response: httpx.Response) -> list[dict | str]:

@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 from conftest import build_hf_model, train_tokenizer
+from polling import wait_until
 from server_harness import free_port, running_server
 
 from sugam import LLM, SamplingParams
@@ -179,15 +180,15 @@ def test_torchrun_with_two_local_nodes_serves(tiny_models, tmp_path):
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             assert all(n.poll() is None for n in nodes), (tmp_path / "node0.log").read_text()
             try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+                return False
+
+        wait_until(healthy, "rank 0 answers /health", timeout=120, interval=0.5)
         body = {"model": folder.name, "prompt": [5, 17, 42, 99], "max_tokens": 6, "temperature": 0}
         served = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
         alone = LLM(str(folder), dtype="float32").generate([[5, 17, 42, 99]], SamplingParams(temperature=0, max_tokens=6))

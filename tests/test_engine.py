@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polling import wait_until_async
 
 from sugam import LLM, SamplingParams
 
@@ -116,7 +117,12 @@ def test_async_engine_streams_concurrently_and_frees_aborted(folder):
 
     async def main():
         results = await asyncio.gather(*(collect(p, sp) for p, sp in zip(prompts, params)), leave_early())
-        await asyncio.sleep(0.2)  # the abort is applied by the engine loop
+
+        def idle():  # the early leaver's abort is applied by the engine loop, between steps
+            stats = engine.stats()
+            return stats.num_running == stats.num_waiting == 0 and stats.kv_blocks_used == 0
+
+        await wait_until_async(idle, "the aborted request's KV blocks are freed")
         return results[:-1]
 
     assert asyncio.run(main()) == expected

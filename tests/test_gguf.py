@@ -81,15 +81,17 @@ def test_truncated_file_is_refused_with_its_name(good_gguf, tmp_path):
 def test_bad_magic_version_and_counts(tmp_path, good_gguf):
     data = bytearray(good_gguf.read_bytes())
     cases = {
-        "magic": b"GGML" + bytes(data[4:]),
-        "version": bytes(data[:4]) + struct.pack("<I", 99) + bytes(data[8:]),
-        "counts": bytes(data[:8]) + struct.pack("<Q", 2**40) + bytes(data[16:]),
+        "magic": (b"GGML" + bytes(data[4:]), "not a GGUF file (bad magic)"),
+        "version": (bytes(data[:4]) + struct.pack("<I", 99) + bytes(data[8:]), "GGUF version 99 is not supported"),
+        "counts": (bytes(data[:8]) + struct.pack("<Q", 2**40) + bytes(data[16:]),
+                   f"header claims {2**40} tensors and"),
     }
-    for name, blob in cases.items():
+    for name, (blob, match) in cases.items():
         bad = tmp_path / f"{name}.gguf"
         bad.write_bytes(blob)
-        with pytest.raises(ModelFormatError):
+        with pytest.raises(ModelFormatError) as refused:
             open_gguf(bad)
+        assert str(refused.value).startswith(f"{bad}: ") and match in str(refused.value), str(refused.value)
 
 
 def test_huge_string_length_is_refused(tmp_path):

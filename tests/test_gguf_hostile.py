@@ -95,15 +95,21 @@ def test_tensor_offsets_must_follow_one_another(good, tmp_path, change, match):
 
 def test_one_tensor_too_many_in_the_header(good, tmp_path):
     layout = read_layout(good)
-    refused(tmp_path, write_layout(layout, n_tensors=len(layout.tensors) + 1), "tensor")
+    n = len(layout.tensors)
+    # the table's extra entry is read from the padding after it: a tensor with an empty name
+    refused(tmp_path, write_layout(layout, n_tensors=n + 1), f"tensor #{n} has a name of 0 bytes")
 
 
-@pytest.mark.parametrize("name,new_type", [("blk.0.attn_q.weight", Q4_0), ("blk.1.ffn_down.weight", Q4_0),
-                                           ("blk.0.attn_norm.weight", F16), ("output_norm.weight", F16)])
-def test_a_tensor_type_changed_to_another_of_the_same_shape(good, tmp_path, name, new_type):
+@pytest.mark.parametrize("name,new_type,match", [
+    ("blk.0.attn_q.weight", Q4_0, "it leaves a gap of 2048 bytes after 'blk.0.attn_q.weight'"),
+    ("blk.1.ffn_down.weight", Q4_0, "it leaves a gap of 4096 bytes after 'blk.1.ffn_down.weight'"),
+    ("blk.0.attn_norm.weight", F16, "it leaves a gap of 128 bytes after 'blk.0.attn_norm.weight'"),
+    ("output_norm.weight", F16, "128 bytes follow the last tensor's data"),
+])
+def test_a_tensor_type_changed_to_another_of_the_same_shape(good, tmp_path, name, new_type, match):
     layout = read_layout(good)
     layout.tensor(name).type_id = new_type
-    refused(tmp_path, write_layout(layout), "")  # its bytes no longer add up: refused, not misread
+    refused(tmp_path, write_layout(layout), match)  # its bytes no longer add up: refused, not misread
 
 
 def test_embedding_rows_must_equal_the_tokenizer_size(good, tmp_path):
@@ -160,10 +166,10 @@ def test_millions_of_empty_strings_are_refused_before_they_are_read(tmp_path):
     blob = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + encode_string("junk") + struct.pack("<IIQ", ARRAY, STRING, count)
     path = tmp_path / "strings.gguf"
     path.write_bytes(blob + bytes(8 * count))
-    start = time.perf_counter()
+    start = time.process_time()   # CPU time: the work done, whatever else the machine runs
     with pytest.raises(ModelFormatError, match="strings in metadata arrays"):
         GGUFFile(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0  # refused before the 4 M strings are read
 
 
 # ---- item 4: one-line errors instead of raw exceptions ------------------------------------------
@@ -198,7 +204,8 @@ FLOAT_KV = {"nan": float("nan"), "inf": float("inf")}
     ("qwen2.block_count", scalar_kv("qwen2.block_count", 4, "<I", 0), "qwen2.block_count must be a positive integer"),
     ("qwen2.block_count", scalar_kv("qwen2.block_count", 4, "<I", 1), "tensor blk.1.attn_norm.weight is beyond"),
     ("qwen2.block_count", scalar_kv("qwen2.block_count", 4, "<I", 3), "tensor blk.2.attn_norm.weight is missing"),
-    ("qwen2.embedding_length", scalar_kv("qwen2.embedding_length", 4, "<I", 96), "metadata implies"),
+    ("qwen2.embedding_length", scalar_kv("qwen2.embedding_length", 4, "<I", 96),
+     "tensor token_embd.weight has shape (304, 64), metadata implies (304, 96)"),
     ("general.architecture", KV("general.architecture", STRING, encode_string("mamba")),
      "unsupported architecture 'mamba'"),
     ("tokenizer.ggml.token_type", KV("tokenizer.ggml.token_type", ARRAY, struct.pack("<IQ", 5, 2) + bytes(8)),
@@ -272,7 +279,7 @@ def test_fuzzed_headers_load_correctly_or_fail_cleanly(good, tmp_path):
     budget = 4 * len(good) + 8 * 2**20
     for label, blob in mutations(good, rng, 1000):
         path.write_bytes(blob)
-        start = time.perf_counter()
+        start = time.process_time()   # CPU time, not wall-clock: a loaded machine must not fail a case
         tracemalloc.start()
         try:
             try:
@@ -287,9 +294,9 @@ def test_fuzzed_headers_load_correctly_or_fail_cleanly(good, tmp_path):
             load_all(path)
             outcomes["loaded"] += 1
         except ModelFormatError as exc:
-            assert str(exc).startswith(str(path)), f"{label}: {exc}"
+            assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc), f"{label}: {exc}"
             outcomes["refused"] += 1
         except Exception as exc:  # the point of the test: nothing but a clean refusal
             raise AssertionError(f"{label}: {type(exc).__name__}: {exc}") from exc
-        assert time.perf_counter() - start < 5, f"{label}: took {time.perf_counter() - start:.1f} s"
+        assert time.process_time() - start < 5, f"{label}: took {time.process_time() - start:.1f} s of CPU"
     assert outcomes["refused"] > 700 and outcomes["loaded"] > 40, outcomes

@@ -112,9 +112,13 @@ def test_logprobs(llm):
 
 
 def test_bad_parameters_and_prompts_are_refused(llm):
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(logprobs=50),
-                dict(min_p=2)):
-        with pytest.raises(InvalidRequestError):
+    for bad, match in ((dict(temperature=-1), "temperature must be >= 0, got -1"),
+                       (dict(top_p=0), r"top_p must be in \(0, 1\], got 0"),
+                       (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+                       (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
+                       (dict(logprobs=50), r"logprobs must be in \[0, 20\], got 50"),
+                       (dict(min_p=2), r"min_p must be in \[0, 1\], got 2")):
+        with pytest.raises(InvalidRequestError, match=match):
             SamplingParams(**bad)
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([[]])

@@ -115,7 +115,7 @@ def test_update_rolls_back_rejected_tokens_and_their_blocks(make, outputs):
     sched.update(out, num_kept=[3])
     assert seq.num_computed_tokens == 9
     assert len(seq.block_table) == 3 and bm.num_free_blocks == free_before  # 9 tokens still need 3 blocks
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot keep 7 of"):
         sched.update(out, num_kept=[7])
 
 

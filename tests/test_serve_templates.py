@@ -8,8 +8,10 @@ import os
 import pickle
 import signal
 import time
+from concurrent.futures import Future
 
 import pytest
+from polling import wait_until, wait_until_async
 from test_chat_template import QWEN_SHAPED
 
 from sugam.chat_template import (
@@ -72,10 +74,20 @@ def test_a_render_that_will_not_stop_gets_its_workers_replaced():
         r.close()
 
 
-def test_a_killed_worker_is_replaced(renderer):
+def test_a_killed_worker_is_replaced(renderer, monkeypatch):
+    submitted: list[Future[str]] = []
+    submit = renderer.submit
+
+    def recording_submit(*args):
+        pool, future = submit(*args)
+        submitted.append(future)
+        return pool, future
+
+    monkeypatch.setattr(renderer, "submit", recording_submit)
+
     async def kill_during_render() -> None:
         task = asyncio.ensure_future(renderer.render(SLOW, {}, TemplateLimits(max_seconds=3.0)))
-        await asyncio.sleep(0.3)
+        await wait_until_async(lambda: submitted and submitted[0].running(), "the slow render is under way")
         for pid in renderer.pids():
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(ChatTemplateError, match="worker died"):
@@ -86,7 +98,9 @@ def test_a_killed_worker_is_replaced(renderer):
     # killed while idle: the next render finds the pool broken and starts a fresh one
     for pid in renderer.pids():
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
+    # ProcessPoolExecutor's own thread notices the deaths and marks the pool broken (a private flag,
+    # the only sign there is); a render submitted before that would be lost with the old pool.
+    wait_until(lambda: getattr(renderer._pool, "_broken", False), "the pool knows its workers died")
     assert asyncio.run(renderer.render("{{ 'again' }}", {})) == "again"
 
 
@@ -97,5 +111,5 @@ def test_close_stops_the_workers():
     r.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="shutting down"):
         asyncio.run(r.render("x", {}))

@@ -60,5 +60,5 @@ def test_template_helpers_and_sandbox(tok):
     assert out == 'NOTHINK[{"name": "f<x>"}]|4|<|im_end|>'
     with pytest.raises(ChatTemplateError, match="only user"):
         tok.render_chat([], chat_template="{{ raise_exception('only user') }}")
-    with pytest.raises(ChatTemplateError):  # the sandbox refuses Python internals
+    with pytest.raises(ChatTemplateError, match="'__class__' of 'str' object is unsafe"):  # the sandbox refuses Python internals
         tok.render_chat([], chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")

@@ -29,12 +29,16 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import SugamError
+
+if TYPE_CHECKING:
+    from ..models.qwen2 import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +300,9 @@ class AllReduceOutput(nn.Module):
         return self.tp.all_reduce(self.base(x))
 
 
-def split_layers(model: nn.Module, tp: TensorParallel) -> None:
+def split_layers(model: CausalLM, tp: TensorParallel) -> None:
     """Wrap each layer's o and down projections with the all-reduce (after fuse_projections)."""
+    layer: Any   # nn.ModuleList yields nn.Module: a DecoderLayer here
     for layer in model.model.layers:
         layer.self_attn.o_proj = AllReduceOutput(layer.self_attn.o_proj, tp)
         layer.mlp.down_proj = AllReduceOutput(layer.mlp.down_proj, tp)

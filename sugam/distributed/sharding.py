@@ -46,6 +46,9 @@ class ShardPlan:
         """`channel_unit`: MLP channels are dealt out in multiples of it (the down matrix's block)."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise SugamError(f"rank {rank} of {world_size}")
+        if cfg.is_moe and world_size > 1:
+            raise SugamError(f"--tensor-parallel-size {world_size}: {cfg.architecture} is a mixture-of-experts "
+                             "model, and sugam does not split experts over ranks yet; run it with one process")
         h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
         if kv % world_size or h % world_size:
             raise SugamError(f"--tensor-parallel-size {world_size} must divide the model's {kv} key/value heads "

@@ -101,8 +101,8 @@ class AsyncLLMEngine:
                         outputs = await asyncio.get_running_loop().run_in_executor(self._model_thread,
                                                                                    self.engine.step)
                 except Exception as exc:  # fail the requests in flight, keep serving new ones
-                    for request_id, queue in list(self._queues.items()):
-                        queue.put_nowait(exc)
+                    for request_id, failed in list(self._queues.items()):
+                        failed.put_nowait(exc)
                         self.engine.abort_request(request_id)  # no step is running now
                     break
                 for out in outputs:

@@ -66,7 +66,10 @@ class ForwardBatch:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_lens, context_lens, tables, logit_rows = [], [], [], []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[torch.Tensor] = []
+        logit_rows: list[int] = []
         lora_rows: dict[tuple[int, int], list[int]] = {}
         for entry in entries:
             if entry.lora_slot is not None:

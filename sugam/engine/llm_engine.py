@@ -133,8 +133,8 @@ class LLMEngine:
         if self.config.enable_lora:
             self.loras = self.runner.enable_lora(self.config.max_loras, self.config.max_lora_rank)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        think = (self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
-        self.think_token_ids = think if None not in think else None
+        think, end_think = self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>")
+        self.think_token_ids = (think, end_think) if think is not None and end_think is not None else None
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.think_token_ids)
         self.sampler = Sampler(self.tokenizer, self.outputs)
 

@@ -12,18 +12,22 @@ adapter's) to another.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from ..config import ModelConfig
 from ..layers.lora import LoRABatch, LoRAGroup, LoRAProjection, install_lora
 from ..lora.adapter import LoRAAdapter, LoRAError, LoRARequest, load_adapter
+
+if TYPE_CHECKING:
+    from ..models.qwen2 import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class LoadedLoRA:
 
 
 class LoRAManager:
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
+    def __init__(self, model: CausalLM, max_loras: int, max_rank: int):
         if max_loras < 1 or max_rank < 1:
             raise LoRAError("--max-loras and --max-lora-rank must be at least 1")
         self.config: ModelConfig = model.config
@@ -108,7 +112,7 @@ class LoRAManager:
             slots[lora] = slot
         return slots
 
-    def set_batch(self, groups: list[LoRAGroup]) -> None:
+    def set_batch(self, groups: builtins.list[LoRAGroup]) -> None:  # `list` is a method here
         self.batch.groups = groups
 
     def _fill(self, slot: int, lora: LoadedLoRA) -> None:

@@ -41,10 +41,11 @@ class SeenTokens:
 
 def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     p = seq.params
-    if p.repetition_penalty != 1.0:
+    penalty = p.repetition_penalty
+    if penalty is not None and penalty != 1.0:
         seen = SeenTokens.of(seq, logits.device)
         values = logits[seen]
-        logits[seen] = _finite(torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty))
+        logits[seen] = _finite(torch.where(values > 0, values / penalty, values * penalty))
     if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
         out = torch.tensor(seq.output_token_ids, device=logits.device, dtype=torch.long)
         counts = torch.zeros_like(logits).index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
@@ -108,6 +109,7 @@ class Sampler:
         if target.token is not None:
             token = target.token
         else:
+            assert target.probs is not None  # a Target holds one token or the probabilities
             choice = int(torch.multinomial(target.probs, 1, generator=seq.generator))
             token = int(target.ids[choice]) if target.ids is not None else choice
         return token, self.logprobs(raw, token, seq)
@@ -134,6 +136,8 @@ class Sampler:
                 p = replace(p, temperature=0.0)
         if p.greedy:
             return Target(token=int(torch.argmax(row)))
+        # LLMEngine.create_sequence gave every sequence params.with_defaults(): none of these is None
+        assert p.temperature is not None and p.top_k is not None and p.top_p is not None and p.min_p is not None
         ids = None
         if 0 < p.top_k < row.shape[-1]:
             # Only the top k can be drawn: filter and sample among them (a full-vocabulary

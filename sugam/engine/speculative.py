@@ -187,9 +187,10 @@ class DraftModelProposer:
             assert logits is not None
             for row, i in zip(logits, live):
                 token, probs = _draw(row, requests[i][0].seq)
-                proposals[i].tokens.append(token)
-                if proposals[i].probs is not None and probs is not None:
-                    proposals[i].probs.append(probs)
+                proposal = proposals[i]
+                proposal.tokens.append(token)
+                if proposal.probs is not None and probs is not None:
+                    proposal.probs.append(probs)
             live = [i for i in live if len(proposals[i].tokens) < requests[i][1]]
             if not live:
                 break
@@ -213,6 +214,7 @@ def _draw(row: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
     p = seq.params
     if p.greedy:
         return int(torch.argmax(row)), None
+    assert p.temperature is not None  # the sequence's params went through with_defaults()
     probs = (row / p.temperature).softmax(-1)
     token = int(torch.multinomial(probs, 1, generator=seq.generator))
     return token, probs

@@ -41,7 +41,9 @@ class AttentionMetadata:
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, query_lens: list[int], context_lens: list[int],
               block_tables: list[torch.Tensor]) -> AttentionMetadata:
-        starts, masks, offset = [], [], 0
+        starts: list[int] = []
+        masks: list[torch.Tensor | None] = []
+        offset = 0
         device = slot_mapping.device
         for q_len, ctx_len in zip(query_lens, context_lens):
             starts.append(offset)
@@ -108,7 +110,7 @@ class KVCache:
         kv_heads, head_dim = self.keys.shape[2], self.keys.shape[3]
         keys = self.keys[table].view(-1, kv_heads, head_dim)[:length]
         values = self.values[table].view(-1, kv_heads, head_dim)[:length]
-        if self.key_scales is None:
+        if self.key_scales is None or self.value_scales is None:  # both or neither
             return keys.to(dtype), values.to(dtype)
         key_scales = self.key_scales[table].view(-1, kv_heads)[:length, :, None]
         value_scales = self.value_scales[table].view(-1, kv_heads)[:length, :, None]
@@ -123,15 +125,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
 
     out = torch.empty_like(q)
     # Decoding sequences in one call of sugam's kernel, the one the native decoder calls (bf16 or fp32).
-    native_decode = meta.decode_tokens is not None and q.dtype in NATIVE_DTYPES and head_dim % 16 == 0
-    if native_decode:
-        every_token = len(meta.decode_tokens) == q.shape[0]
-        rows = q.contiguous() if every_token else q[meta.decode_tokens]
+    tokens, tables, lens = meta.decode_tokens, meta.decode_tables, meta.decode_lens  # all set or none
+    native_decode = False
+    if tokens is not None and tables is not None and lens is not None and q.dtype in NATIVE_DTYPES and head_dim % 16 == 0:
+        native_decode = True
+        every_token = len(tokens) == q.shape[0]
+        rows = q.contiguous() if every_token else q[tokens]
         attended = native.decode_attention(rows, cache.keys, cache.values, cache.key_scales, cache.value_scales,
-                                           meta.decode_tables, meta.decode_lens, scale)
+                                           tables, lens, scale)
         if every_token:
             return attended
-        out[meta.decode_tokens] = attended
+        out[tokens] = attended
     for start, q_len, ctx_len, table, mask in zip(meta.query_starts, meta.query_lens, meta.context_lens,
                                                   meta.block_tables, meta.causal_masks):
         if q_len == 1 and native_decode:

@@ -17,11 +17,15 @@ elsewhere it is two PyTorch matmuls per group.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .. import native
+
+if TYPE_CHECKING:
+    from ..models.qwen2 import CausalLM
 
 # One adapter of a step: (slot, row indices or None for all rows, the adapter's rank)
 LoRAGroup = tuple[int, "torch.Tensor | None", int]
@@ -51,6 +55,9 @@ def apply_lora(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_bt: 
 class LoRAProjection(nn.Module):
     """A projection (group) plus adapter slots. `modules`: the HF names of the projections whose
     outputs the base computes side by side, e.g. ["q_proj", "k_proj", "v_proj"]."""
+
+    lora_a: torch.Tensor   # buffers (register_buffer): declared for type checkers
+    lora_b: torch.Tensor
 
     def __init__(self, base: nn.Module, modules: list[str], in_features: int, out_sizes: list[int],
                  max_loras: int, max_rank: int, batch: LoRABatch, dtype: torch.dtype, device: torch.device):
@@ -100,7 +107,7 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, LoRAProjection) else module
 
 
-def install_lora(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRABatch, list[list[LoRAProjection]]]:
+def install_lora(model: CausalLM, max_loras: int, max_rank: int) -> tuple[LoRABatch, list[list[LoRAProjection]]]:
     """Wrap every layer's projections (after fuse_projections); returns the shared batch state and
     the wrappers per layer, in LORA_GROUPS order."""
     cfg = model.config
@@ -116,6 +123,8 @@ def install_lora(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAB
         per_layer = []
         for parent_name, attr, modules in LORA_GROUPS:
             parent = getattr(layer, parent_name)
+            if not hasattr(parent, attr):
+                continue  # a mixture-of-experts layer's MLP: its experts take no LoRA (lora/adapter.py refuses it)
             wrapper = LoRAProjection(getattr(parent, attr), modules, shapes[modules[0]][1],
                                      [shapes[m][0] for m in modules], max_loras, max_rank, batch, dtype, device)
             setattr(parent, attr, wrapper)

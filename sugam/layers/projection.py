@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.linear import fuse_linears
+from ..quant.linear import QuantizedLinear, fuse_linears
 
 
 class ProjectionGroup(nn.Module):
-    def __init__(self, projections: list[nn.Module]):
+    def __init__(self, projections: list[nn.Linear | QuantizedLinear]):
         super().__init__()
         self.out_sizes = [int(p.out_features) for p in projections]
         parts: list[nn.Module] | None = None

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import torch
 
 from ..config import ModelConfig
+
+if TYPE_CHECKING:
+    from ..distributed.sharding import ShardPlan
+    from ..quant.formats import GGUFRows, QuantizedWeight
+    from ..quant.policy import WeightChooser
+
+    # What a loader yields for one parameter: float values, or a weight kept quantized as the chooser said.
+    LoadedWeight: TypeAlias = torch.Tensor | QuantizedWeight | GGUFRows
+
+
+class WeightIterator(Protocol):
+    """Yields (HF-style parameter name, weight) pairs. `choose` picks each weight's format (None:
+    float values); `shard` cuts each to a tensor-parallel rank's share before it is converted."""
+
+    def __call__(self, choose: WeightChooser | None = None, shard: ShardPlan | None = None
+                 ) -> Iterator[tuple[str, LoadedWeight]]: ...
 
 
 @dataclass
@@ -51,7 +67,6 @@ class LoadedCheckpoint:
     config: ModelConfig
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
-    # Yields (HF-style parameter name, tensor) pairs; tensors are materialised lazily, one at a time,
-    # so that peak memory stays near one copy of the model.
-    iter_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    # Weights are materialised lazily, one at a time, so that peak memory stays near one copy of the model.
+    iter_weights: WeightIterator
     info: dict[str, Any] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,10 +27,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..quant.formats import GGUFRows, QuantizedWeight
+from ..quant.formats import GGUFRows
 from ..quant.gguf_repack import dequantize_rows, pack_for_kernels, repack
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
+
+if TYPE_CHECKING:
+    from ..distributed.sharding import ShardPlan
+    from .base import LoadedWeight
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType[name]
@@ -70,7 +74,9 @@ _KINDS = {
     "{arch}.attention.value_length": "int", "{arch}.attention.layer_norm_rms_epsilon": "float",
     "{arch}.rope.freq_base": "float", "{arch}.rope.dimension_count": "int", "{arch}.rope.scaling.type": "string",
     "{arch}.rope.scaling.factor": "float", "{arch}.rope.scaling.original_context_length": "int",
-    "{arch}.vocab_size": "int",
+    "{arch}.vocab_size": "int", "{arch}.expert_count": "int", "{arch}.expert_used_count": "int",
+    "{arch}.expert_feed_forward_length": "int", "{arch}.expert_shared_feed_forward_length": "int",
+    "{arch}.expert_weights_norm": "bool",
     "tokenizer.ggml.model": "string", "tokenizer.ggml.pre": "string", "tokenizer.ggml.tokens": "string[]",
     "tokenizer.ggml.token_type": "int[]", "tokenizer.ggml.scores": "float[]", "tokenizer.ggml.merges": "string[]",
     "tokenizer.ggml.bos_token_id": "int", "tokenizer.ggml.eos_token_id": "int",
@@ -365,6 +371,14 @@ _LAYER_NAMES = {
     "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts: the router, the shared expert and its gate ...
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    # ... and the routed experts, one 3-D tensor [experts, rows, cols] each, cut per expert by
+    # _expert_slices into mlp.experts.N.gate_proj etc.
+    "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -380,6 +394,17 @@ def hf_name(gguf_name: str) -> str | None:
     base, _, kind = gguf_name.rpartition(".")
     mapped = _GLOBAL_NAMES.get(base)
     return f"{mapped}.{kind}" if mapped else None
+
+
+def _expert_slices(target: str, tensor: GGUFTensor) -> Iterator[tuple[str, GGUFTensor]]:
+    """`model.layers.L.mlp.experts.up_proj.weight` [experts, rows, cols] -> each expert's matrix,
+    `model.layers.L.mlp.experts.N.up_proj.weight` [rows, cols]: a view of the same blocks (an
+    expert's rows are contiguous in the file), so quantized experts stay quantized."""
+    experts, rows, _ = tensor.shape
+    head, _, proj = target.removesuffix(".weight").rpartition(".")
+    for e in range(experts):
+        yield (f"{head}.{e}.{proj}.weight",
+               GGUFTensor(f"{tensor.name}[{e}]", tensor.qtype, tensor.shape[1:], tensor.raw[e * rows:(e + 1) * rows]))
 
 
 def unpermute_rows(raw: np.ndarray, n_heads: int) -> np.ndarray:
@@ -413,8 +438,8 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
     eos += [control[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in control and control[t] not in eos]
     config.eos_token_ids = eos
 
-    def iter_weights(choose: WeightChooser | None = None, shard: Any = None
-                     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    def iter_weights(choose: WeightChooser | None = None, shard: ShardPlan | None = None
+                     ) -> Iterator[tuple[str, LoadedWeight]]:
         """`shard`: a tensor-parallel ShardPlan (distributed/sharding.py): each matrix is cut to
         this rank's share before it is converted, so the rank keeps the file's blocks."""
         for name, tensor in tensors.items():
@@ -425,22 +450,32 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
                 heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
                 rows = unpermute_rows(tensor.raw.reshape(tensor.shape[0], -1), heads)  # biases too
                 tensor = GGUFTensor(tensor.name, tensor.qtype, tensor.shape, rows.reshape(tensor.raw.shape))
-            if shard is not None:
-                part = shard.shard_gguf(target, tensor)
-                if isinstance(part, torch.Tensor):  # a cut inside blocks: float values
-                    yield target, part
-                    continue
-                tensor = part
-            fmt = choose(target, tensor.shape, tensor.qtype.name) if choose else None
-            if fmt is None:
-                yield target, tensor.dequantize()
-            elif fmt == "rows":  # kept as the file's blocks (a copy: the mapping is released)
-                yield target, GGUFRows(torch.from_numpy(np.array(tensor.raw)), tensor.qtype.name, tensor.shape[1])
-            elif fmt == "packed":  # the file's blocks, rearranged for sugam's CPU kernels
-                yield target, pack_for_kernels(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape)
-            else:  # repacked block by block: no float copy of the whole matrix
-                yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype, tensor.shape, fmt)
+            if name.endswith("ffn_gate_inp_shexp.weight") and len(tensor.shape) == 1:
+                tensor = GGUFTensor(tensor.name, tensor.qtype, (1, *tensor.shape), tensor.raw)  # HF's [1, hidden]
+            parts = _expert_slices(target, tensor) if name.endswith("_exps.weight") else [(target, tensor)]
+            for target, tensor in parts:
+                yield from convert(target, tensor, choose, shard)
             gguf.drop_pages(tensors[name])  # every path made its own copy
+
+    def convert(target: str, tensor: GGUFTensor, choose: WeightChooser | None, shard: Any
+                ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        if shard is not None:
+            part = shard.shard_gguf(target, tensor)
+            if isinstance(part, torch.Tensor):  # a cut inside blocks: float values
+                yield target, part
+                return
+            tensor = part
+        fmt = choose(target, tensor.shape, tensor.qtype.name) if choose else None
+        if fmt is None:
+            yield target, tensor.dequantize()
+        elif fmt == "rows":  # kept as the file's blocks (a copy: the mapping is released)
+            yield target, GGUFRows(torch.from_numpy(np.array(tensor.raw)), tensor.qtype.name, tensor.shape[1])
+        elif fmt == "packed":  # the file's blocks, rearranged for sugam's CPU kernels
+            yield target, pack_for_kernels(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype,
+                                           (tensor.shape[0], tensor.shape[1]))
+        else:  # repacked block by block: no float copy of the whole matrix
+            yield target, repack(tensor.raw.reshape(tensor.shape[0], -1), tensor.qtype,
+                                 (tensor.shape[0], tensor.shape[1]), fmt)
 
     types: dict[str, int] = {}
     for t in tensors.values():
@@ -496,18 +531,25 @@ def _expected_shapes(config: ModelConfig, tensors: dict[str, GGUFTensor]) -> dic
     if not config.tie_word_embeddings:
         shapes["output.weight"] = (config.vocab_size, h)
     per_layer = {"attn_norm.weight": (h,), "ffn_norm.weight": (h,), "attn_q.weight": (q, h),
-                 "attn_k.weight": (kv, h), "attn_v.weight": (kv, h), "attn_output.weight": (h, q),
-                 "ffn_gate.weight": (f, h), "ffn_up.weight": (f, h), "ffn_down.weight": (h, f)}
+                 "attn_k.weight": (kv, h), "attn_v.weight": (kv, h), "attn_output.weight": (h, q)}
+    dense = {"ffn_gate.weight": (f, h), "ffn_up.weight": (f, h), "ffn_down.weight": (h, f)}
+    e, fe, fs = config.num_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size
+    sparse = {"ffn_gate_inp.weight": (e, h), "ffn_gate_exps.weight": (e, fe, h), "ffn_up_exps.weight": (e, fe, h),
+              "ffn_down_exps.weight": (e, h, fe)}
+    if fs:
+        sparse.update({"ffn_gate_shexp.weight": (fs, h), "ffn_up_shexp.weight": (fs, h),
+                       "ffn_down_shexp.weight": (h, fs), "ffn_gate_inp_shexp.weight": (h,)})
     if config.qkv_bias:
         per_layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
     if config.o_bias:
         per_layer["attn_output.bias"] = (h,)
     if config.mlp_bias:
-        per_layer.update({"ffn_gate.bias": (f,), "ffn_up.bias": (f,), "ffn_down.bias": (h,)})
+        dense.update({"ffn_gate.bias": (f,), "ffn_up.bias": (f,), "ffn_down.bias": (h,)})
     if config.qk_norm:
         per_layer.update({"attn_q_norm.weight": (d,), "attn_k_norm.weight": (d,)})
     for layer in range(config.num_hidden_layers):
-        shapes.update({f"blk.{layer}.{part}": shape for part, shape in per_layer.items()})
+        mlp = sparse if config.sparse_layer(layer) else dense
+        shapes.update({f"blk.{layer}.{part}": shape for part, shape in (per_layer | mlp).items()})
     return shapes
 
 
@@ -521,7 +563,7 @@ def _check_shapes(path: Path, config: ModelConfig, tensors: dict[str, GGUFTensor
         got = tensors.get(name)
         if got is None:
             raise ModelFormatError(f"{path}: tensor {name} is missing (block_count is {config.num_hidden_layers})")
-        if tuple(got.shape) != shape:
+        if tuple(got.shape) != shape and not (name.endswith("ffn_gate_inp_shexp.weight") and got.shape == (1, *shape)):
             raise ModelFormatError(f"{path}: tensor {name} has shape {got.shape}, metadata implies {shape}")
     for name in tensors:
         match = _LAYER_RE.match(name)

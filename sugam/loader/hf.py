@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,9 +13,13 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant.export import METADATA_KEY, assemble, check_layout
 from ..quant.export import PARTS as _PARTS
-from ..quant.formats import INT4_GROUP, QuantizedWeight, quantize
+from ..quant.formats import INT4_GROUP, quantize
 from ..quant.policy import WeightChooser
 from .base import GenerationDefaults, LoadedCheckpoint, TokenizerSpec
+
+if TYPE_CHECKING:
+    from ..distributed.sharding import ShardPlan
+    from .base import LoadedWeight
 
 QUANT_PARTS = {part for parts in _PARTS.values() for part in parts}
 
@@ -122,8 +126,8 @@ def open_hf_folder(folder: Path) -> LoadedCheckpoint:
             generation.repetition_penalty = gen["repetition_penalty"]
     config.eos_token_ids = generation.eos_token_ids
 
-    def iter_weights(choose: WeightChooser | None = None, shard: Any = None
-                     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    def iter_weights(choose: WeightChooser | None = None, shard: ShardPlan | None = None
+                     ) -> Iterator[tuple[str, LoadedWeight]]:
         """`shard`: a tensor-parallel ShardPlan (distributed/sharding.py): each tensor is cut to this
         rank's share before it is quantized."""
         from safetensors import SafetensorError, safe_open

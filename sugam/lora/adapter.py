@@ -35,6 +35,8 @@ _GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pr
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 _FROM_GGUF = {v: k for k, v in _GGUF_NAMES.items()}
 _PEFT_NAME = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+# LoRA on experts, routers or shared experts (PEFT and GGUF names), which sugam does not apply.
+_EXPERT_NAME = re.compile(r"\.mlp\.(experts|shared_expert|gate)\.|_exps\.|_shexp\.|\.ffn_gate_inp\.")
 _GGUF_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.weight\.lora_([ab])$")
 MAX_RANK = 1024     # no sane adapter is wider; a file claiming more is refused before allocating
 
@@ -104,6 +106,9 @@ class LoRAAdapter:
         for (layer, module), w in sorted(self.weights.items()):
             if not 0 <= layer < cfg.num_hidden_layers:
                 raise LoRAError(f"the adapter has weights for layer {layer}; the model has {cfg.num_hidden_layers}")
+            if PROJECTION_PARENT[module] == "mlp" and cfg.sparse_layer(layer):
+                raise LoRAError(f"layer {layer} {module}: layer {layer} is a mixture-of-experts layer, and sugam "
+                                f"applies LoRA to attention projections (and dense MLP layers) only, not to experts")
             out, inp = shapes[module]
             if w.a.dim() != 2 or w.b.dim() != 2 or w.a.shape[1] != inp or w.b.shape[0] != out or w.b.shape[1] != w.rank:
                 raise LoRAError(f"layer {layer} {module}: lora_A {tuple(w.a.shape)} and lora_B {tuple(w.b.shape)} do not "
@@ -166,6 +171,9 @@ def load_peft(folder: Path) -> LoRAAdapter:
 
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
+        if _EXPERT_NAME.search(name):
+            raise LoRAError(f"{weights_path}: tensor {name!r} adapts a mixture-of-experts router or expert; sugam "
+                            "applies LoRA to attention projections (and dense MLP layers) only")
         match = _PEFT_NAME.match(name)
         if match is None or match.group(3) not in TARGET_MODULES or PROJECTION_PARENT[match.group(3)] != match.group(2):
             raise LoRAError(f"{weights_path}: tensor {name!r} is not a LoRA update of an attention or MLP projection")
@@ -239,6 +247,9 @@ def load_gguf_lora(path: Path) -> LoRAAdapter:
     arch = meta.get("general.architecture")
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in gguf.tensors.items():
+        if _EXPERT_NAME.search(name):
+            raise LoRAError(f"{path}: tensor {name!r} adapts a mixture-of-experts router or expert; sugam "
+                            "applies LoRA to attention projections (and dense MLP layers) only")
         match = _GGUF_NAME.match(name)
         if match is None or match.group(2) not in _FROM_GGUF:
             raise LoRAError(f"{path}: tensor {name!r} is not a LoRA update of an attention or MLP projection")

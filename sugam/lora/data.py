@@ -301,6 +301,7 @@ def assistant_spans(tokenizer: Tokenizer, messages: list[dict[str, Any]],
 
     full = render(messages, False)
     spans, cursor = [], 0
+    span: tuple[int, int] | None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from ..errors import SugamError
 from .adapter import TARGET_MODULES, LoRAError, load_peft, save_peft
 from .data import IGNORE, Example, read_records, tokenize
 from .training import LoRALinear, attach_lora, hidden_states, lm_loss, load_base, lora_parameters, to_adapter
+
+if TYPE_CHECKING:
+    from ..models.qwen2 import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -345,10 +348,10 @@ def load_checkpoint(folder: Path, loras: dict[tuple[int, str], LoRALinear], opti
     except (OSError, ValueError, SafetensorError, LoRAError) as exc:
         raise FinetuneError(f"{folder}: cannot read the checkpoint ({exc})") from exc
     saved = state.get("config", {})
-    for key in ("rank", "alpha", "target_modules"):
-        mine, theirs = _json_safe(getattr(config, key)), saved.get(key)
+    for setting in ("rank", "alpha", "target_modules"):
+        mine, theirs = _json_safe(getattr(config, setting)), saved.get(setting)
         if mine != theirs:
-            raise FinetuneError(f"{folder} was trained with {key} {theirs}, not {mine}: resume with the same LoRA shape")
+            raise FinetuneError(f"{folder} was trained with {setting} {theirs}, not {mine}: resume with the same LoRA shape")
     if set(adapter.weights) != set(loras):
         raise FinetuneError(f"{folder}: its adapter does not cover the same layers and modules as this model")
     with torch.no_grad():
@@ -380,7 +383,7 @@ def load_checkpoint(folder: Path, loras: dict[tuple[int, str], LoRALinear], opti
 # --- the loop ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, device: torch.device) -> float:
+def evaluate(model: CausalLM, examples: list[Example], batch_size: int, device: torch.device) -> float:
     """Mean cross-entropy over the labelled tokens of `examples` (dropout off)."""
     was_training = model.training
     model.eval()
@@ -478,7 +481,7 @@ def finetune(model: str, data: str | Path, output: str | Path, config: FinetuneC
 class _Trainer:
     """The LoRA modules, the optimizer and where the run stands (step, losses, RNG, last checkpoint)."""
 
-    def __init__(self, net: torch.nn.Module, train: list[Example], valid: list[Example], config: FinetuneConfig,
+    def __init__(self, net: CausalLM, train: list[Example], valid: list[Example], config: FinetuneConfig,
                  output: Path, base_model: str, device: torch.device):
         self.net, self.valid, self.config, self.output = net, valid, config, output
         self.base_model, self.device = base_model, device

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +24,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import native
+from ..layers.rmsnorm import RMSNorm
 from ..loader import open_checkpoint
 from ..loader.base import LoadedCheckpoint
-from ..models.qwen2 import CausalLM
+from ..models.qwen2 import CausalLM, DecoderLayer
 from ..models.registry import model_class
 from ..quant.formats import INT4_ROW_BLOCK, PackedGGUFWeight, QuantizedWeight
 from ..quant.linear import DEQUANT_CHUNK_VALUES, QuantizedEmbedding, QuantizedLinear, quantized_matmul
 from ..quant.policy import checkpoint_mode, weight_chooser
-from .adapter import PROJECTION_PARENT, TARGET_MODULES, LoRAAdapter, LoRAWeights, lora_scale
+from .adapter import PROJECTION_PARENT, TARGET_MODULES, LoRAAdapter, LoRAError, LoRAWeights, lora_scale
 from .data import IGNORE
 
 # Logits of this many values (fp32) at most exist at once in the loss: a 150k vocabulary -> ~220 rows.
@@ -44,6 +46,8 @@ def load_base(path: Path, device: torch.device, dtype: torch.dtype, quantization
     """(frozen model, quantization mode), built as ModelRunner builds it but left unfused."""
     ckpt = checkpoint_file or open_checkpoint(path)
     cfg = ckpt.config
+    if cfg.is_moe:
+        raise LoRAError(f"{path}: fine-tuning a mixture-of-experts model ({cfg.architecture}) is not supported yet")
     mode = checkpoint_mode(quantization, ckpt.info, device.type)
     with torch.device("meta"):
         model = model_class(cfg.architecture)(cfg).to(dtype)
@@ -81,7 +85,8 @@ def _row_chunk(weight: QuantizedWeight, start: int, stop: int) -> QuantizedWeigh
     return weight.rows(start, stop)
 
 
-def input_gradient(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+def input_gradient(module: nn.Linear | nn.Embedding | QuantizedLinear | QuantizedEmbedding,
+                   grad: torch.Tensor) -> torch.Tensor:
     """grad_y [..., out] -> grad_x [..., in] = grad_y @ W, W dequantized in row chunks of bounded size
     (a vocabulary-sized head, too, never exists whole in float)."""
     flat = grad.reshape(-1, grad.shape[-1])
@@ -122,7 +127,7 @@ class LoRALinear(nn.Module):
     dtype (the optimizer's updates are far below bf16's resolution); A starts kaiming-uniform as in
     PEFT, B at zero, so training starts from the base model exactly."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base
         device = _module_device(base)
@@ -174,7 +179,7 @@ def to_adapter(loras: dict[tuple[int, str], LoRALinear], base_model: str | None,
 
 # --- the training forward -------------------------------------------------------------------------
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm's reference math (layers/rmsnorm.py without the kernel): in float32, then scaled."""
     dtype = x.dtype
     h = x.float()
@@ -192,7 +197,7 @@ def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x) if isinstance(module, LoRALinear) else frozen_product(module, x)
 
 
-def _decoder_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def _decoder_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
     attn, mlp = layer.self_attn, layer.mlp
     b, s, _ = x.shape
@@ -222,6 +227,7 @@ def hidden_states(model: CausalLM, input_ids: torch.Tensor, attention_mask: torc
         causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()
         # Right padding: every row still sees its first token, so no row is fully masked.
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    layer: Any   # nn.ModuleList yields nn.Module: a DecoderLayer here
     for layer in model.model.layers:
         if gradient_checkpointing and torch.is_grad_enabled():
             # Keeps only each layer's input; the rest is recomputed (same dropout: the RNG state is replayed).

@@ -14,13 +14,17 @@ Python layers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
-from torch import nn
 
 from .. import native
 from ..layers.attention import AttentionMetadata, KVCache
 from ..layers.lora import LoRAProjection, unwrap
 from ..quant.linear import QuantizedLinear, packed_kernel_max_rows
+
+if TYPE_CHECKING:
+    from .qwen2 import CausalLM
 
 # The layer decoder.cpp computes: pre-norm RMSNorm; q|k|v projections (optional bias); optional
 # RMSNorm of each q and k head; NeoX-style rotary from the given cos/sin; grouped-query attention
@@ -28,16 +32,20 @@ from ..quant.linear import QuantizedLinear, packed_kernel_max_rows
 NATIVE_DECODER_LAYER = "rmsnorm-gqa-rotary-swiglu/1"
 
 
-def _layer_matrices(layer: nn.Module) -> list[nn.Module | None]:
+# A layer is typed Any here: its projections are swapped at load (quantized, LoRA-wrapped), so what
+# each attribute holds is known only at run time (and nn.Module's attributes type as Tensor | Module).
+def _layer_matrices(layer: Any) -> list[Any]:
     """The layer's projections in decoder.cpp's slots: q|k|v as one, two (q|k, v) or three matrices,
     then o, gate|up as one or two, down."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, gate_up = list(unwrap(attn.qkv_proj).parts), list(unwrap(mlp.gate_up_proj).parts)
+    qkv_group: Any = unwrap(attn.qkv_proj)   # ProjectionGroups (layers/projection.py)
+    gate_up_group: Any = unwrap(mlp.gate_up_proj)
+    qkv, gate_up = list(qkv_group.parts), list(gate_up_group.parts)
     return (qkv + [None] * (3 - len(qkv)) + [unwrap(attn.o_proj)] + gate_up + [None] * (2 - len(gate_up))
             + [unwrap(mlp.down_proj)])
 
 
-def _lora_wrappers(layer: nn.Module) -> list[LoRAProjection] | None:
+def _lora_wrappers(layer: Any) -> list[LoRAProjection] | None:
     """The layer's LoRA wrappers in decoder.cpp's group order (q|k|v, o, gate|up, down), or None."""
     attn, mlp = layer.self_attn, layer.mlp
     wrappers = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
@@ -47,7 +55,7 @@ def _lora_wrappers(layer: nn.Module) -> list[LoRAProjection] | None:
 class NativeDecoder:
     """The model's layers as the flat lists decoder.cpp reads; built once after loading."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: CausalLM):
         cfg = model.config
         self.dtype = next(model.parameters()).dtype
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -57,6 +65,7 @@ class NativeDecoder:
         self.lora_a, self.lora_b = [], []
         self.lora_batch = None   # LoRA slots (layers/lora.py): the step's groups are read from it
         self.lora_max_rank = 1
+        layer: Any   # see _layer_matrices
         for layer in model.model.layers:
             wrappers = _lora_wrappers(layer)
             if wrappers is not None:
@@ -72,7 +81,7 @@ class NativeDecoder:
                            attn.q_norm.weight if attn.qk_norm else None, attn.k_norm.weight if attn.qk_norm else None]
 
     @classmethod
-    def build(cls, model: nn.Module) -> NativeDecoder | None:
+    def build(cls, model: CausalLM) -> NativeDecoder | None:
         """A decoder for this model, or None where the native decoder cannot run it."""
         if not type(model).declares_native_decoder():
             return None
@@ -103,7 +112,7 @@ class NativeDecoder:
             self.matrices, self.qtypes, self.biases, self.norms,
             [c.keys for c in kv_caches], [c.values for c in kv_caches],
             [c.key_scales for c in kv_caches], [c.value_scales for c in kv_caches],
-            meta.slot_mapping, meta.decode_tables, meta.decode_lens,
+            meta.slot_mapping, meta.decode_tables, meta.decode_lens,  # type: ignore[arg-type]  # set: runs() took the step
             self.heads, self.kv_heads, self.intermediate, self.eps, self.scale,
             self.lora_a, self.lora_b, self.lora_batch.groups if self.lora_batch is not None else None,
             self.lora_max_rank)

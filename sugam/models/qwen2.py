@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ from ..quant.formats import GGUFRows, PackedGGUFWeight
 from ..quant.linear import GGUFRowEmbedding, head_matmul
 from .native_decode import NATIVE_DECODER_LAYER, NativeDecoder
 from .registry import register_model
+
+if TYPE_CHECKING:
+    from ..loader.base import LoadedWeight
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +75,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
+        """`width`: the intermediate size when not the config's (an expert's, models/moe.py)."""
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = width or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def fuse_projections(self) -> None:
         self.gate_up_proj = ProjectionGroup([self.gate_proj, self.up_proj])
@@ -154,7 +159,7 @@ class CausalLM(nn.Module):
         return F.linear(hidden, head.weight).float()
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
         """Copy named tensors into the parameters; every parameter must be filled exactly once.
 
         A quantized weight replaces its nn.Linear (or the embedding) by the quantized module.
@@ -184,11 +189,12 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def fuse_projections(self) -> None:
         """Merge the q/k/v and gate/up matrices (call after load_weights; names then differ from HF's)."""
+        layer: Any   # nn.ModuleList yields nn.Module: a DecoderLayer here
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
 
-    def _install_quantized(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
+    def _install_quantized(self, name: str, weight: QuantizedWeight | GGUFRows, dtype: torch.dtype) -> None:
         module_name = name.removesuffix(".weight")
         parent_name, _, child = module_name.rpartition(".")
         parent = self.get_submodule(parent_name) if parent_name else self
@@ -197,14 +203,16 @@ class CausalLM(nn.Module):
         if isinstance(weight, GGUFRows) and isinstance(old, nn.Embedding):
             setattr(parent, child, GGUFRowEmbedding(weight, dtype))  # looked up on the CPU
             return
-        moved = dataclasses.replace(weight, **{k: v.to(device) for k, v in weight.tensors().items()})
+        # (replace() of a union is beyond mypy; `moved` is of weight's class)
+        moved = dataclasses.replace(weight, **{k: v.to(device) for k, v in weight.tensors().items()})  # type: ignore[arg-type]
         if isinstance(old, nn.Embedding):
             if not isinstance(weight, Int8Weight):
                 raise ModelFormatError(f"{name}: the embedding must be int8, got {type(weight).__name__}")
-            setattr(parent, child, QuantizedEmbedding(moved, dtype))
+            setattr(parent, child, QuantizedEmbedding(moved, dtype))  # type: ignore[arg-type]  # an Int8Weight
         elif isinstance(old, nn.Linear):
             # The bias keeps its Parameter object, so a bias loaded after the weight still lands.
-            setattr(parent, child, QuantizedLinear(moved, old.bias))
+            # (GGUFRows: the weight chooser keeps file rows for embeddings only.)
+            setattr(parent, child, QuantizedLinear(moved, old.bias))  # type: ignore[arg-type]
         else:
             raise ModelFormatError(f"{name}: cannot hold a quantized weight")
 

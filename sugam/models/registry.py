@@ -39,4 +39,4 @@ def model_class(architecture: str) -> type[CausalLM]:
 
 
 def _load_builtin() -> None:
-    from . import qwen2  # noqa: F401  (registers the built-in architectures)
+    from . import moe, qwen2  # noqa: F401  (registers the built-in architectures)

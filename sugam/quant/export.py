@@ -61,8 +61,10 @@ def save_quantized(checkpoint: LoadedCheckpoint, out_dir: Path, mode: str) -> in
         elif isinstance(weight, Int8Weight):
             for part, tensor in weight.tensors().items():
                 tensors[f"{name}.{part}"] = tensor.contiguous()
-        else:
+        elif isinstance(weight, torch.Tensor):
             tensors[name] = weight.contiguous()
+        else:  # the int8/int4 chooser keeps no GGUF blocks; a loader that did would need its own format here
+            raise SugamError(f"{name}: cannot write a {type(weight).__name__} to safetensors")
     target = out_dir / "model.safetensors"
     save_file(tensors, str(target), metadata={"format": "pt", METADATA_KEY: mode, "int4_layout": INT4_LAYOUT,
                                                "int4_group": str(INT4_GROUP), "torch": torch.__version__})

@@ -105,7 +105,7 @@ class Int8Weight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        return self.q.shape[0], self.q.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scale.to(torch.float32)[:, None]).to(dtype)
@@ -254,11 +254,11 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
     return pack_int4(codes.view(n, k), scale, zero, group)
 
 
-def quantize(weight: torch.Tensor, fmt: str, rows_per_chunk: int = 8192) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, fmt: str, rows_per_chunk: int = 8192) -> Int8Weight | Int4Weight:
     """Quantize a dense matrix to "int8" or "int4", a row chunk at a time (bounded float temporaries)."""
     if fmt not in ("int8", "int4"):
         raise ValueError(f"unknown weight format {fmt!r}")
-    out = RowWriter(fmt, tuple(weight.shape))
+    out = RowWriter(fmt, (weight.shape[0], weight.shape[1]))
     for start in range(0, weight.shape[0], rows_per_chunk):
         part = weight[start:start + rows_per_chunk]
         out.write(start, quantize_int4(part) if fmt == "int4" else quantize_int8(part))
@@ -271,17 +271,19 @@ class RowWriter:
     def __init__(self, fmt: str, shape: tuple[int, int], group: int = INT4_GROUP):
         n, k = shape
         if fmt == "int8":
-            self.result: QuantizedWeight = Int8Weight(torch.empty(n, k, dtype=torch.int8),
+            self.result: Int8Weight | Int4Weight = Int8Weight(torch.empty(n, k, dtype=torch.int8),
                                                       torch.empty(n, dtype=torch.bfloat16))
         else:
             self.result = Int4Weight(torch.empty(n, k // 2, dtype=torch.uint8),
                                      torch.empty(k // group, n, 2, dtype=torch.bfloat16), group)
 
-    def write(self, start: int, chunk: QuantizedWeight) -> None:
+    def write(self, start: int, chunk: Int8Weight | Int4Weight) -> None:
         rows = chunk.shape[0]
-        if isinstance(self.result, Int8Weight):
+        if isinstance(self.result, Int8Weight) and isinstance(chunk, Int8Weight):
             self.result.q[start:start + rows] = chunk.q
             self.result.scale[start:start + rows] = chunk.scale
-        else:
+        elif isinstance(self.result, Int4Weight) and isinstance(chunk, Int4Weight):
             self.result.packed[start:start + rows] = chunk.packed
             self.result.scales_zeros[:, start:start + rows] = chunk.scales_zeros
+        else:
+            raise TypeError(f"a {type(chunk).__name__} chunk cannot go into a {type(self.result).__name__}")

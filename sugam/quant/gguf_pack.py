@@ -93,7 +93,7 @@ def pack_rows(raw: np.ndarray, qtype: str, cols: int, high_bits: str | None = No
     rows = raw.shape[0]
     codes, scales = _codes_and_scales(np.asarray(raw, dtype=np.uint8), qtype, cols)
     chunks = codes.reshape(rows, -1, 64)
-    sections = [codes] if qtype == "Q8_0" else [((chunks[..., :32] & 15) | ((chunks[..., 32:] & 15) << 4)).reshape(rows, -1)]
+    sections: list[np.ndarray] = [codes] if qtype == "Q8_0" else [((chunks[..., :32] & 15) | ((chunks[..., 32:] & 15) << 4)).reshape(rows, -1)]
     planes = _HIGH_PLANES.get(qtype, 0)
     if planes and high_bits == "planes":  # per chunk one little-endian 64-bit word per bit
         bits = [np.packbits((chunks >> (4 + p)) & 1, axis=-1, bitorder="little") for p in range(planes)]
@@ -102,8 +102,8 @@ def pack_rows(raw: np.ndarray, qtype: str, cols: int, high_bits: str | None = No
         pairs = ((chunks >> 4) & 3).reshape(rows, -1, 4, 16) << (2 * np.arange(4, dtype=np.uint8))[:, None]
         sections.append(np.bitwise_or.reduce(pairs, axis=2).reshape(rows, -1))
     elif planes:  # per chunk 8 bytes: bit p of byte i is bit 4 of value 8p + i
-        bits = ((chunks >> 4) & 1).reshape(rows, -1, 8, 8) << np.arange(8, dtype=np.uint8)[:, None]
-        sections.append(np.bitwise_or.reduce(bits, axis=2).reshape(rows, -1))
+        bit4 = ((chunks >> 4) & 1).reshape(rows, -1, 8, 8) << np.arange(8, dtype=np.uint8)[:, None]
+        sections.append(np.bitwise_or.reduce(bit4, axis=2).reshape(rows, -1))
     out = np.concatenate(sections + scales, axis=1)
     assert out.shape[1] == packed_row_bytes(qtype, cols)
     return out

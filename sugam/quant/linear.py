@@ -30,6 +30,7 @@ import functools
 import os
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +210,7 @@ def _dequantized_matmul(x: torch.Tensor, weight: Int8Weight | Int4Weight) -> tor
     return out
 
 
-def _kernel_matmul(xb: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+def _kernel_matmul(xb: torch.Tensor, weight: Int8Weight | Int4Weight) -> torch.Tensor:
     """bf16 rows (at most KERNEL_MAX_ROWS of them) times the weight, by PyTorch's CPU kernel."""
     if isinstance(weight, Int8Weight):
         return torch._weight_int8pack_mm(xb, weight.q, weight.scale)
@@ -279,6 +280,12 @@ def head_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
+    # The buffers of its format (weight.tensors(), registered by name): declared for type checkers.
+    q: torch.Tensor
+    scale: torch.Tensor
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -306,7 +313,7 @@ class QuantizedLinear(nn.Module):
                 and _rows_path.get() != "gemm"):
             # Decode fast path: one kernel call, no conversions (a layer runs ~100 ops per token,
             # each costing microseconds of dispatch, so the ops around the kernel matter).
-            out = _kernel_matmul(x, self.quantized_weight)
+            out = _kernel_matmul(x, self.quantized_weight)  # type: ignore[arg-type]  # int8 or int4 here
             return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(-1, self.in_features)
         out = quantized_matmul(flat, self.quantized_weight)
@@ -319,9 +326,10 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
 
 
-def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
+def fuse_linears(modules: list[Any]) -> nn.Module | None:  # nn.Linear or QuantizedLinear, read by attribute
     """One module computing the concatenated outputs of `modules` (same input), or None when they
     cannot share one matrix (different formats). Fewer, larger matmuls: less dispatch per token."""
+    weight: torch.Tensor | QuantizedWeight   # the fused matrix: dense, or in the parts' format
     if all(type(m) is nn.Linear for m in modules):
         weight = torch.cat([m.weight for m in modules])
         has_bias = [m.bias is not None for m in modules]
@@ -342,7 +350,7 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
     if first.weight_format == "packed":
         weight = PackedGGUFWeight(torch.cat([m.packed for m in modules]), first.qtype, first.in_features)
     elif first.weight_format == "int8":
-        weight: QuantizedWeight = Int8Weight(torch.cat([m.q for m in modules]), torch.cat([m.scale for m in modules]))
+        weight = Int8Weight(torch.cat([m.q for m in modules]), torch.cat([m.scale for m in modules]))
     else:  # each part is whole 64-row blocks, so the packed rows simply stack
         weight = Int4Weight(torch.cat([m.packed for m in modules]),
                             torch.cat([m.scales_zeros for m in modules], dim=1), first.group)
@@ -356,6 +364,9 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
 
 class QuantizedEmbedding(nn.Module):
     """Token embedding stored as int8 rows (the row lookup dequantizes only the rows asked for)."""
+
+    q: torch.Tensor   # buffers: declared for type checkers
+    scale: torch.Tensor
 
     def __init__(self, weight: Int8Weight, dtype: torch.dtype):
         super().__init__()
@@ -373,6 +384,8 @@ class QuantizedEmbedding(nn.Module):
 
 class GGUFRowEmbedding(nn.Module):
     """Token embedding left in the GGUF file's own blocks (exact, and as small as the file)."""
+
+    raw: torch.Tensor   # a buffer: declared for type checkers
 
     def __init__(self, weight: GGUFRows, dtype: torch.dtype):
         super().__init__()

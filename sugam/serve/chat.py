@@ -157,7 +157,8 @@ class Timing:
     """Feeds the latency histograms as one job's tokens arrive."""
 
     def __init__(self, metrics: ServerMetrics):
-        self.metrics, self.start, self.last, self.tokens = metrics, time.monotonic(), None, 0
+        self.metrics, self.start, self.tokens = metrics, time.monotonic(), 0
+        self.last: float | None = None   # when the last tokens came
 
     def saw(self, out: CompletionOutput) -> None:
         new = len(out.token_ids) - self.tokens

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -160,7 +160,7 @@ class PullRequest(_Body):
     insecure: bool | None = None
 
 
-def read_body_as_json(scope: dict[str, Any]) -> None:
+def read_body_as_json(scope: MutableMapping[str, Any]) -> None:
     """Ollama reads every request body as JSON whatever its Content-Type (`curl -d` sends a form
     type): so do the /api/ routes."""
     headers = scope.get("headers", [])
@@ -194,6 +194,11 @@ def human_number(n: int) -> str:
     return f"{n / 1000:.0f}K" if n >= 1000 else str(n)
 
 
+def ollama_family(cfg: ModelConfig) -> str:
+    """Ollama names a family by its GGUF architecture: qwen3_moe -> qwen3moe."""
+    return cfg.architecture.replace("_moe", "moe")
+
+
 def parameter_count(cfg: ModelConfig) -> int:
     """Weights of the transformer described by `cfg` (embeddings, layers, head; biases and norms)."""
     h, inter = cfg.hidden_size, cfg.intermediate_size
@@ -202,7 +207,9 @@ def parameter_count(cfg: ModelConfig) -> int:
     attention += 2 * cfg.head_dim if cfg.qk_norm else 0
     mlp = 3 * h * inter + (2 * inter + h if cfg.mlp_bias else 0)
     embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return embeddings + cfg.num_hidden_layers * (attention + mlp + 2 * h) + h
+    dense_layers = sum(not cfg.sparse_layer(i) for i in range(cfg.num_hidden_layers))
+    experts, _ = cfg.expert_params()  # every expert counts (Ollama's 30.5B for Qwen3-30B-A3B)
+    return embeddings + cfg.num_hidden_layers * (attention + 2 * h) + dense_layers * mlp + experts + h
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
@@ -327,7 +334,7 @@ class Catalog:
         base = await self.facts(self.server.config.model_path, cfg.torch_dtype)
         own = await self.facts(lora.lora_path, cfg.torch_dtype) if lora is not None else base
         return {"parent_model": tagged(self.server.config.model_name) if lora is not None else "",
-                "format": own.format, "family": cfg.architecture, "families": [cfg.architecture],
+                "format": own.format, "family": ollama_family(cfg), "families": [ollama_family(cfg)],
                 "parameter_size": human_number(parameter_count(cfg)), "quantization_level": base.quantization}
 
     async def entries(self, engine: AsyncLLMEngine) -> list[tuple[LoRARequest | None, FileFacts]]:
@@ -340,8 +347,10 @@ class Catalog:
 
     def model_info(self, engine: AsyncLLMEngine) -> dict[str, Any]:
         e = engine.engine
-        cfg, arch = e.model_config, e.model_config.architecture
-        return {
+        cfg, arch = e.model_config, ollama_family(e.model_config)
+        experts = {f"{arch}.expert_count": cfg.num_experts, f"{arch}.expert_used_count": cfg.num_experts_per_tok,
+                   f"{arch}.expert_feed_forward_length": cfg.moe_intermediate_size} if cfg.is_moe else {}
+        return {**experts,
             "general.architecture": arch, "general.parameter_count": parameter_count(cfg),
             f"{arch}.context_length": e.max_model_len,  # what this server accepts (--max-model-len, KV pool)
             f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.block_count": cfg.num_hidden_layers,

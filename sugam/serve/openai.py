@@ -24,7 +24,14 @@ from ..lora.adapter import LoRARequest
 from ..tokenizer import Tokenizer
 from .chat import GenerationTimeout, Job, ReplyFormat, SamplingOptions, prepare, tool_call_schema, without_reasoning
 from .errors import APIError, api_error, error_body
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, EmbeddingRequest, ResponseFormat
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+    NamedToolChoice,
+    ResponseFormat,
+)
 
 if TYPE_CHECKING:
     from .app import Server
@@ -56,7 +63,7 @@ def router(server: Server) -> APIRouter:
         lora = server.check_model(req.model)
         tokenizer = engine.engine.tokenizer
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+        choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
         template_tools = tools if tools and choice != "none" else None
         if req.chat_template is not None:
             raise APIError(400, "chat_template is not accepted: this server renders only the model's own chat "
@@ -111,8 +118,9 @@ def router(server: Server) -> APIRouter:
             raise APIError(400, "suffix is not supported", param="suffix")
         tokenizer = engine.engine.tokenizer
         raw = req.prompt
+        prompts: list[str | list[int]]
         if isinstance(raw, str) or raw and all(isinstance(t, int) for t in raw):
-            prompts = [raw]
+            prompts = [raw]  # type: ignore[list-item]  # one prompt: text or token ids
         else:
             prompts = list(raw)  # type: ignore[arg-type]
         if not prompts or len(prompts) > 64:
