@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .errors import SugamError
@@ -102,7 +102,7 @@ def model_params(cfg: ModelConfig) -> tuple[int, int]:
 def _qwen(name: str, h: int, layers: int, heads: int, kv: int, inter: int, vocab: int, tied: bool, ctx: int,
           head_dim: int | None = None, qwen3: bool = False, experts: tuple[int, int, int] | None = None) -> ModelShape:
     """experts: (experts, routed per token, expert width) of a Qwen3-MoE whose every layer is sparse."""
-    moe = dict(zip(("num_experts", "num_experts_per_tok", "moe_intermediate_size"), experts or ()))
+    moe: dict[str, Any] = dict(zip(("num_experts", "num_experts_per_tok", "moe_intermediate_size"), experts or ()))
     arch = ("qwen3" if qwen3 else "qwen2") + ("_moe" if experts else "")
     cfg = ModelConfig(architecture=arch, vocab_size=vocab, hidden_size=h,
                       intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,

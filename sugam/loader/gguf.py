@@ -457,8 +457,8 @@ def open_gguf(path: Path, gguf: GGUFFile | None = None) -> LoadedCheckpoint:
                 yield from convert(target, tensor, choose, shard)
             gguf.drop_pages(tensors[name])  # every path made its own copy
 
-    def convert(target: str, tensor: GGUFTensor, choose: WeightChooser | None, shard: Any
-                ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    def convert(target: str, tensor: GGUFTensor, choose: WeightChooser | None, shard: ShardPlan | None
+                ) -> Iterator[tuple[str, LoadedWeight]]:
         if shard is not None:
             part = shard.shard_gguf(target, tensor)
             if isinstance(part, torch.Tensor):  # a cut inside blocks: float values
@@ -532,9 +532,9 @@ def _expected_shapes(config: ModelConfig, tensors: dict[str, GGUFTensor]) -> dic
         shapes["output.weight"] = (config.vocab_size, h)
     per_layer = {"attn_norm.weight": (h,), "ffn_norm.weight": (h,), "attn_q.weight": (q, h),
                  "attn_k.weight": (kv, h), "attn_v.weight": (kv, h), "attn_output.weight": (h, q)}
-    dense = {"ffn_gate.weight": (f, h), "ffn_up.weight": (f, h), "ffn_down.weight": (h, f)}
+    dense: dict[str, tuple[int, ...]] = {"ffn_gate.weight": (f, h), "ffn_up.weight": (f, h), "ffn_down.weight": (h, f)}
     e, fe, fs = config.num_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size
-    sparse = {"ffn_gate_inp.weight": (e, h), "ffn_gate_exps.weight": (e, fe, h), "ffn_up_exps.weight": (e, fe, h),
+    sparse: dict[str, tuple[int, ...]] = {"ffn_gate_inp.weight": (e, h), "ffn_gate_exps.weight": (e, fe, h), "ffn_up_exps.weight": (e, fe, h),
               "ffn_down_exps.weight": (e, h, fe)}
     if fs:
         sparse.update({"ffn_gate_shexp.weight": (fs, h), "ffn_up_shexp.weight": (fs, h),

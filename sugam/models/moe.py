@@ -40,7 +40,8 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def fuse_projections(self) -> None:
-        for expert in self.experts:
+        expert: MLP
+        for expert in self.experts:  # type: ignore[assignment]  # a ModuleList of MLPs
             expert.fuse_projections()
         if hasattr(self, "shared_expert"):
             self.shared_expert.fuse_projections()
