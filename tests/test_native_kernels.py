@@ -344,3 +344,34 @@ def test_decode_attention_of_a_sequence_does_not_depend_on_its_batch_or_the_thre
                 assert torch.equal(alone[0], together[i])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_greedy_tokens_deep_in_the_context_match_the_pytorch_attention(tmp_path, monkeypatch):
+    """Decoding 1,400+ tokens deep (three of the kernel's parts) gives the tokens, and within fp32
+    rounding the logits, of the PyTorch attention (gather, matmul, softmax)."""
+    import random
+
+    from conftest import build_hf_model, greedy_with_logits
+
+    from sugam import LLM
+    from sugam.layers import attention
+
+    build_hf_model(tmp_path, "qwen2", hidden_size=128, num_attention_heads=8, max_position_embeddings=2048)
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 200) for _ in range(1400)]
+
+    def greedy():
+        llm = LLM(str(tmp_path), dtype="float32", max_model_len=1500, enable_prefix_caching=False)
+        return greedy_with_logits(llm, prompt, 16)
+
+    calls = []
+    real = attention.native.decode_attention
+    monkeypatch.setattr(attention.native, "decode_attention", lambda *a: calls.append(int(a[6].max())) or real(*a))
+    tokens, logits = greedy()
+    assert calls and max(calls) > 1400  # the kernel ran, at depth
+    monkeypatch.setattr(attention, "NATIVE_DTYPES", ())  # the Python layers' PyTorch attention
+    ref_tokens, ref_logits = greedy()
+    assert tokens == ref_tokens
+    assert len(logits) == len(ref_logits) == 16
+    for got, want in zip(logits[1:], ref_logits[1:]):  # the decode steps
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
