@@ -318,10 +318,11 @@ def attention_reference(q, k, v, ks, vs, tables, lens, scale):
 @pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("query", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_the_softmax_over_the_gathered_context(cache, query):
-    # contexts of one token, a partial last tile, exactly one part (512) and three parts; 14 query
-    # heads on 2 KV heads (Qwen2.5-0.5B) and head size 64, 6 on 2 with 128 (the 1.5B)
+    # contexts of one token, a partial last tile, exactly one part (512), three and six parts (12 in
+    # all: the 1.5B's head size then takes every KV head in one task); 14 query heads on 2 KV heads
+    # (Qwen2.5-0.5B) and head size 64, 6 on 2 with 128 (the 1.5B)
     for heads, kv_heads, dim in ((14, 2, 64), (6, 2, 128)):
-        lens = [1, 37, 512, 1300]
+        lens = [1, 37, 512, 1300, 2600]
         k, v, ks, vs, tables = paged_kv(lens, kv_heads, dim, cache)
         q = torch.randn(len(lens), heads, dim).to(query)
         got = native.decode_attention(q, k, v, ks, vs, tables, torch.tensor(lens), dim ** -0.5)
@@ -330,17 +331,20 @@ def test_decode_attention_matches_the_softmax_over_the_gathered_context(cache, q
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
-def test_decode_attention_of_a_sequence_does_not_depend_on_its_batch_or_the_threads():
+@pytest.mark.parametrize("heads, dim", [(14, 64), (6, 128)])
+def test_decode_attention_of_a_sequence_does_not_depend_on_its_batch_or_the_threads(heads, dim):
+    # together: 14 parts, so head size 128 takes all KV heads a task; alone, one KV head a task
     lens = [3000, 700, 5, 2049]
-    k, v, ks, vs, tables = paged_kv(lens, 2, 64, "bfloat16", seed=1)
-    q = torch.randn(len(lens), 14, 64)
-    together = native.decode_attention(q, k, v, None, None, tables, torch.tensor(lens), 0.125)
+    k, v, ks, vs, tables = paged_kv(lens, 2, dim, "bfloat16", seed=1)
+    q = torch.randn(len(lens), heads, dim)
+    together = native.decode_attention(q, k, v, None, None, tables, torch.tensor(lens), dim ** -0.5)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             for i in range(len(lens)):
-                alone = native.decode_attention(q[i:i + 1], k, v, None, None, tables[i:i + 1], torch.tensor(lens[i:i + 1]), 0.125)
+                alone = native.decode_attention(q[i:i + 1], k, v, None, None, tables[i:i + 1], torch.tensor(lens[i:i + 1]),
+                                                dim ** -0.5)
                 assert torch.equal(alone[0], together[i])
     finally:
         torch.set_num_threads(threads)

@@ -741,10 +741,11 @@ void decode_attention(const Q* q, const C* k_cache, const C* v_cache, const floa
   for (int64_t i = 0; i < n; ++i) first_part[i + 1] = first_part[i] + attention_parts(lens[i]);
   const int64_t kv = s.kv_heads, floats = s.partial_floats();
   std::vector<float> partials(first_part[n] * kv * floats);
-  // A task takes one part and all KV heads (whole cache lines in order) where there are parts enough
-  // to keep the threads busy, else one KV head. Either way each head's arithmetic, and so its bits,
-  // are the same.
-  const int64_t per_task = first_part[n] >= 8 ? kv : 1;
+  // A task takes one part and all KV heads (whole cache lines in order) for head size 128 or more where
+  // there are parts enough to keep the threads busy, else one KV head. On the Ice Lake this measured
+  // +24 % on the 1.5B's attention (head size 128) and -6 % on the 0.5B's decode at 8k (64). Either
+  // way each head's arithmetic, and so its bits, are the same.
+  const int64_t per_task = first_part[n] >= 8 && s.dim >= 128 ? kv : 1;
   parallel_for(int64_t{0}, first_part[n] * kv / per_task, [&](int64_t t0, int64_t t1) {
     std::vector<float> scratch(s.scratch_floats());
     int64_t seq = std::upper_bound(first_part.begin(), first_part.end(), t0 * per_task / kv) - first_part.begin() - 1;
