@@ -611,9 +611,9 @@ SUGAM_INLINE void load_kv_tile(const C* cache, const float* scales, const int64_
   }
 }
 
-// Asks for tokens t0 .. t0+n-1 of KV heads kv0 .. kv1-1 to be brought into the cache: each token's vector sits in
-// a block of its own (the pool's blocks are scattered), where the hardware's prefetchers would not
-// follow, so attention waited on every tile's loads.
+// Asks for tokens t0 .. t0+n-1 of KV heads kv0 .. kv1-1 to be brought into the cache: a part's
+// blocks lie anywhere in the pool, where the hardware's prefetchers would not follow,
+// so attention waited on every tile's loads.
 template <typename C>
 void prefetch_kv_tile(const C* cache, const int64_t* table, int64_t t0, int64_t n, int64_t kv0, int64_t kv1,
                       const AttentionShape& s) {
@@ -710,21 +710,25 @@ void attend_part(const Q* q, const C* k_cache, const C* v_cache, const float* k_
 
 // The output of query head g of a (sequence, KV head) from its parts (part p's result at
 // partials + p * stride): each part rescaled by e^(its maximum - the largest), divided by the sum.
+// The scale of each part is computed once and kept in place of its maximum.
 template <typename Q>
-void merge_parts(const float* partials, int64_t parts, int64_t stride, int64_t seq, int64_t kvh,
+void merge_parts(float* partials, int64_t parts, int64_t stride, int64_t seq, int64_t kvh,
                  const AttentionShape& s, Q* out) {
   const int64_t group = s.group(), dim = s.dim;
   for (int64_t g = 0; g < group; ++g) {
-    const float* first = partials + g * (dim + 2);
+    float* first = partials + g * (dim + 2);
     float top = first[dim];
     for (int64_t p = 1; p < parts; ++p) top = std::max(top, first[p * stride + dim]);
     float total = 0.0f;
-    for (int64_t p = 0; p < parts; ++p) total += first[p * stride + dim + 1] * exp1(first[p * stride + dim] - top);
+    for (int64_t p = 0; p < parts; ++p) {
+      float* part = first + p * stride;
+      part[dim] = exp1(part[dim] - top);
+      total += part[dim + 1] * part[dim];
+    }
     Q* y = out + (seq * s.heads + kvh * group + g) * dim;
     for (int64_t v = 0; v < dim; v += 8) {
       F32 sum = zero_f32();
-      for (int64_t p = 0; p < parts; ++p)
-        sum = fma(load(first + p * stride + v), set1(exp1(first[p * stride + dim] - top)), sum);
+      for (int64_t p = 0; p < parts; ++p) sum = fma(load(first + p * stride + v), set1(first[p * stride + dim]), sum);
       store(y + v, mul(sum, set1(1.0f / total)));
     }
   }
