@@ -48,6 +48,9 @@ def tiny_hf_config(arch: str, vocab_size: int, **overrides):
         cfg = transformers.Qwen3Config(**{**common, "head_dim": 32, **overrides})
     elif arch == "llama":
         cfg = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True, **overrides})
+    elif arch in ("qwen3_moe", "qwen2_moe"):  # the experts and sparse layers come in the overrides
+        moe_config = transformers.Qwen3MoeConfig if arch == "qwen3_moe" else transformers.Qwen2MoeConfig
+        cfg = moe_config(**{**common, **overrides})
     else:
         raise ValueError(arch)
     return cfg
@@ -62,7 +65,8 @@ def build_hf_model(folder: Path, arch: str, seed: int = 0, **overrides):
     cfg = tiny_hf_config(arch, vocab, **overrides)
     torch.manual_seed(seed)
     cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "llama": transformers.LlamaForCausalLM}[arch]
+           "llama": transformers.LlamaForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+           "qwen2_moe": transformers.Qwen2MoeForCausalLM}[arch]
     model = cls(cfg).float().eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, greedy_with_logits, train_tokenizer
+from conftest import CHATML, build_hf_model, greedy_with_logits, train_tokenizer
 from gguf_writer import dequantized_copy, write_gguf, write_out
 
 from sugam import LLM, SamplingParams
@@ -38,23 +38,8 @@ CONFIGS = {
 
 
 def build_moe(folder: Path, arch: str, seed: int = 0, **overrides):
-    """A random transformers MoE model saved as an HF folder; returns the fp32 model."""
-    import transformers
-
-    tok = train_tokenizer()
-    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.3,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    cls, config = {"qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig),
-                   "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig)}[arch]
-    torch.manual_seed(seed)
-    model = cls(config(**{**common, **CONFIGS[arch], **overrides})).float().eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}))
-    return model
+    """A random transformers MoE model (CONFIGS) saved as an HF folder; returns the fp32 model."""
+    return build_hf_model(folder, arch, seed, **{**CONFIGS[arch], **overrides})
 
 
 @pytest.fixture(scope="module")
